@@ -1,0 +1,118 @@
+"""The importable core behind the CLI: start a run, resume a run.
+
+`cli.py` only parses arguments and turns exceptions into exit codes; everything a run does
+is here, so scripts and notebooks can call `start_run` and `resume_run` directly.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from xdt_cli.checkpoint import atomic_write_text
+from xdt_cli.config import dump_config, load_config
+from xdt_cli.engine import Engine
+from xdt_cli.errors import CheckpointError
+from xdt_cli.progress import Reporter
+from xdt_cli.regimes import build_experiment
+from xdt_cli.runs import RunDir, create_run_dir, default_runs_dir, make_meta
+from xdt_cli.runtime import Runtime, resolve_precision
+
+
+def start_run(
+    subcommand: str,
+    config: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    name: str | None = None,
+    runs_dir: str | Path | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """Validate the config, build the experiment, claim a run folder and train.
+
+    Returns the summary (also in `<run>/summary.json`). Raises XdtError for bad input and
+    RunInterrupted when stopped by a signal (after saving last.pt).
+    """
+    reporter = reporter or Reporter()
+    cfg = load_config(
+        config, overrides, subcommand=subcommand, flags={"seed": seed, "device": device}
+    )
+    runtime = Runtime.from_env(cfg.device)
+    experiment = build_experiment(subcommand, cfg, runtime)
+    run = None
+    if runtime.is_main:
+        path = create_run_dir(
+            Path(runs_dir) if runs_dir is not None else default_runs_dir(),
+            subcommand,
+            cfg.name,
+            name,
+            overwrite,
+        )
+        run = RunDir(path)
+        run.lock()
+        atomic_write_text(run.config_path, dump_config(cfg))
+        precision = resolve_precision(cfg.train.precision, runtime.device)
+        meta = make_meta(subcommand, str(runtime.device), precision, argv or sys.argv)
+        run.write_json(run.meta_path, meta)
+        reporter.message(f"run folder: {path}  (device {runtime.device}, {precision})")
+    engine = Engine(cfg, experiment, runtime, run=run, reporter=reporter)
+    return _fit(engine, reporter, run)
+
+
+def resume_run(
+    run_dir: str | Path, *, reporter: Reporter | None = None, argv: list[str] | None = None
+) -> tuple[dict[str, Any], bool]:
+    """Continue an interrupted run from its last.pt; returns (summary, trained)."""
+    reporter = reporter or Reporter()
+    run = RunDir(Path(run_dir))
+    if not run.path.is_dir():
+        raise CheckpointError(f"{run.path}: no such run folder")
+    if not run.config_path.is_file():
+        raise CheckpointError(f"{run.path}: not an xdt run folder (no config.yaml)")
+    meta = run.read_json(run.meta_path)
+    if run.summary_path.exists():
+        summary = run.read_json(run.summary_path)
+        if summary.get("status") in ("completed", "failed"):
+            return summary, False
+    subcommand = meta.get("subcommand")
+    if not isinstance(subcommand, str):
+        raise CheckpointError(f"{run.meta_path}: has no subcommand")
+    cfg = load_config(run.config_path, subcommand=subcommand)
+    runtime = Runtime.from_env(cfg.device)
+    run.lock()
+    experiment = build_experiment(subcommand, cfg, runtime)
+    engine = Engine(cfg, experiment, runtime, run=run, reporter=reporter)
+    if run.last_ckpt.exists():
+        engine.resume_from(run.last_ckpt)
+        reporter.message(f"resuming {run.path} at step {engine.step}/{cfg.train.steps}")
+    else:
+        run.best_ckpt.unlink(missing_ok=True)
+        reporter.message(f"{run.path} has no last.pt yet: training from step 0")
+    run.truncate_metrics(engine.step)
+    run.summary_path.unlink(missing_ok=True)
+    meta.setdefault("resumed", []).append(
+        {
+            "argv": argv or sys.argv,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "step": engine.step,
+            "device": str(runtime.device),
+        }
+    )
+    run.write_json(run.meta_path, meta)
+    return _fit(engine, reporter, run), True
+
+
+def _fit(engine: Engine, reporter: Reporter, run: RunDir | None) -> dict[str, Any]:
+    try:
+        summary = engine.fit()
+    finally:
+        if run is not None:
+            run.unlock()
+    reporter.summary_table(summary, str(run.path) if run else None)
+    return summary

@@ -1,0 +1,75 @@
+"""Checkpoints: atomic full-state saves, and loads that refuse anything but plain data.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts, written with
+`torch.save` to a temporary file in the same folder, fsynced, then renamed over the target,
+so a crash never leaves a half-written file. Loading always uses `weights_only=True`: a file
+with a pickled object (arbitrary code on load) is refused with a CheckpointError.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xdt_cli.errors import CheckpointError
+
+FORMAT = 1
+# Name components that torch.compile and DistributedDataParallel add to state-dict keys.
+WRAPPER_COMPONENTS = frozenset({"_orig_mod", "module"})
+
+
+def atomic_write_bytes(path: Path, writer) -> None:
+    """Call `writer(file)` on a temporary file next to `path`, then rename it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write_bytes(path, lambda fh: torch.save({"format": FORMAT, **state}, fh))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint`, on the CPU, refusing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling error"
+        raise CheckpointError(
+            f"{path}: refused: the file holds objects that are not plain tensors and values "
+            f"({first[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an xdt checkpoint (format {FORMAT} expected)")
+    return state
+
+
+def unwrap_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Drop the `_orig_mod` and `module` name components that torch.compile and DDP add."""
+    return {
+        ".".join(part for part in key.split(".") if part not in WRAPPER_COMPONENTS): value
+        for key, value in state_dict.items()
+    }

@@ -1,0 +1,315 @@
+"""The `xdt` command line: one short function per subcommand over the core in `api.py`.
+
+Exit codes: 0 done; 1 runtime failure (message and hint; traceback with --debug); 2 bad
+config, argument or input file (one line per problem, never a traceback); 130/143 stopped
+by SIGINT/SIGTERM after saving last.pt. stdout carries only results; the rest is on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from xdt_cli import __version__
+from xdt_cli.errors import RunInterrupted, XdtError
+
+# click's ClickException (usage errors, bad options) is the base of typer.BadParameter;
+# found this way so the code works with the click that typer vendors or depends on.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _err(line: str) -> None:
+    """One plain line on stderr (no rich wrapping: scripts read these lines)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+class _Group(TyperGroup):
+    """Usage errors become one line and exit 2, the same under Typer's test runner."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(
+                args=args,
+                prog_name=prog_name or "xdt",
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+        except _ClickException as exc:
+            _err(f"error: {exc.format_message()}")
+            code = 2 if exc.exit_code == 2 else exc.exit_code
+            if standalone_mode:
+                sys.exit(code)
+            raise
+        except typer.Abort:
+            if standalone_mode:
+                sys.exit(130)
+            raise
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="xdt",
+    help=(
+        "Cross-domain knowledge transfer experiments from YAML configs.\n\n"
+        "Every run writes config.yaml, meta.json, metrics.jsonl, checkpoints and summary.json "
+        "into its own folder under runs/ (or $XDT_RUNS_DIR).\n\n"
+        "Example: xdt train-source configs/quickstart.yaml train.steps=300 --name first"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"xdt {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Cross-domain knowledge transfer experiments from YAML configs."""
+
+
+def _guard(debug: bool, body: Callable[[], int]) -> None:
+    """Run a command body and map its outcome to the contract's exit codes."""
+    try:
+        code = body()
+    except XdtError as exc:
+        if debug:
+            traceback.print_exc()
+        for line in exc.lines:
+            _err(f"error: {line}")
+        raise typer.Exit(2) from None
+    except RunInterrupted as exc:
+        _err(f"interrupted at step {exc.step}; last.pt saved. Continue with: xdt resume RUN_DIR")
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        _err("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # a runtime failure: a message and a hint, no traceback
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _err(f"error: {type(exc).__name__}: {first}")
+        if not debug:
+            _err("hint: run again with --debug to see the traceback")
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+def _finish(summary: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    elif summary.get("run_dir"):
+        print(summary["run_dir"])
+    if summary["status"] == "failed":
+        _err(f"error: run failed: {summary.get('error', 'see summary.json')}")
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- options
+ConfigArg = Annotated[
+    Path, typer.Argument(help="YAML experiment config.", show_default=False, metavar="CONFIG")
+]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="key.path=value overrides, values parsed as YAML (e.g. optim.lr=1e-3).",
+        show_default=False,
+        metavar="[KEY=VALUE]...",
+    ),
+]
+NameOpt = Annotated[
+    str | None,
+    typer.Option("--name", help="Run folder name: <runs-dir>/NAME.", show_default=False),
+]
+RunsDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--runs-dir",
+        help="Folder of runs (default: $XDT_RUNS_DIR, else ./runs).",
+        show_default=False,
+    ),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", show_default=False)
+]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Overrides `seed`.", show_default=False)
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print summary.json on stdout at the end.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing run folder given by --name.")
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+@app.command("train-source")
+def train_source(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    name: NameOpt = None,
+    runs_dir: RunsDirOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train a model on one labelled source domain.
+
+    Example: xdt train-source configs/quickstart.yaml train.steps=500 --name mnist-500 --json
+    """
+
+    def body() -> int:
+        from xdt_cli.api import start_run
+        from xdt_cli.progress import Reporter
+
+        summary = start_run(
+            "train-source",
+            config,
+            overrides or [],
+            name=name,
+            runs_dir=runs_dir,
+            device=device,
+            seed=seed,
+            overwrite=overwrite,
+            reporter=Reporter(quiet=quiet),
+            argv=sys.argv,
+        )
+        return _finish(summary, as_json)
+
+    _guard(debug, body)
+
+
+@app.command("resume")
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="The run folder.", show_default=False)],
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Continue an interrupted or killed run from its checkpoints/last.pt.
+
+    The resumed run ends with the same metrics as an uninterrupted one. A finished run is
+    left alone.
+
+    Example: xdt resume runs/train-source/quickstart-20260101-120000
+    """
+
+    def body() -> int:
+        from xdt_cli.api import resume_run
+        from xdt_cli.progress import Reporter
+
+        summary, trained = resume_run(run_dir, reporter=Reporter(quiet=quiet), argv=sys.argv)
+        if not trained:
+            if summary.get("status") == "failed":
+                _err(f"error: {run_dir} failed ({summary.get('error', '')}); nothing to resume")
+                return 1
+            if not quiet:
+                _err(f"{run_dir} already finished ({summary.get('steps')} steps); nothing to do")
+        return _finish(summary, as_json)
+
+    _guard(debug, body)
+
+
+@app.command("validate")
+def validate(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    subcommand: Annotated[
+        str, typer.Option("--subcommand", help="The subcommand the config is for.")
+    ] = "train-source",
+    debug: DebugOpt = False,
+) -> None:
+    """Check a config and print it fully resolved (defaults, base and overrides applied).
+
+    It builds the experiment (data, model, selection) without training, so a config that
+    validates will start. Errors go to stderr, one line per problem, exit code 2.
+
+    Example: xdt validate configs/quickstart.yaml optim.lr=3e-3
+    """
+
+    def body() -> int:
+        from xdt_cli.config import dump_config, load_config
+        from xdt_cli.regimes import build_experiment
+        from xdt_cli.runtime import Runtime
+
+        cfg = load_config(config, overrides or [], subcommand=subcommand)
+        build_experiment(subcommand, cfg, Runtime.from_env("cpu"))
+        print(dump_config(cfg), end="")
+        return 0
+
+    _guard(debug, body)
+
+
+@app.command("datasets")
+def datasets(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the registered data sets with their domains, classes and split sizes.
+
+    Example: xdt datasets --json
+    """
+
+    def body() -> int:
+        from xdt_cli.listing import dataset_rows, print_table
+
+        rows = dataset_rows()
+        if as_json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print_table("data sets", rows)
+        return 0
+
+    _guard(debug, body)
+
+
+@app.command("methods")
+def methods(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the learning rules (`method.name`), the subcommands each serves and its defaults.
+
+    Example: xdt methods --json
+    """
+
+    def body() -> int:
+        from xdt_cli.listing import method_rows, print_table
+
+        rows = method_rows()
+        if as_json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print_table("methods", rows)
+        return 0
+
+    _guard(debug, body)
+
+
+def main() -> None:
+    app()

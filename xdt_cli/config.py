@@ -1,0 +1,457 @@
+"""Experiment configs: the pydantic schema and `load_config`, the only place that reads YAML.
+
+A config is validated once, strictly, here at the boundary; the rest of the code reads typed
+attributes and never supplies a default of its own. Precedence, lowest first:
+schema defaults < `base:` config < the config file < `key.path=value` overrides < CLI flags.
+
+Every section forbids unknown keys. An unknown key, a wrong type or a bad value becomes one
+line that names the dotted key path (with a did-you-mean for unknown keys). The `method`
+section is open here and validated by the chosen method's own `Config` (see methods/base.py),
+so that adding a method touches one file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
+
+from xdt_cli.errors import ConfigError
+
+SUBCOMMANDS = ("train-source",)
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- data
+class DomainConfig(Strict):
+    dataset: str = Field(description="a registered data set (see `xdt datasets`)")
+
+
+class DataConfig(Strict):
+    split_seed: int = Field(0, description="seed of the stratified 70/15/15 train/val/test split")
+    source: DomainConfig | None = Field(None, description="the labelled domain trained on")
+    target: DomainConfig | None = Field(
+        None, description="another domain; train-source only evaluates on it"
+    )
+
+
+# --------------------------------------------------------------------------- model
+class ModelConfig(Strict):
+    backbone: str = Field(
+        "lenet", description="lenet, cnn, or a torchvision classification model name"
+    )
+
+
+# --------------------------------------------------------------------------- optim
+class _OptimBase(Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class SGDConfig(_OptimBase):
+    name: Literal["sgd"]
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+
+
+class AdamConfig(_OptimBase):
+    name: Literal["adam"]
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class AdamWConfig(_OptimBase):
+    name: Literal["adamw"]
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+def _name_or(default: str):
+    """Discriminator of a tagged section whose `name` may be left out (then `default`)."""
+
+    def pick(value: Any) -> Any:
+        if isinstance(value, dict):
+            return value.get("name", default)
+        return getattr(value, "name", default)
+
+    return Discriminator(pick)
+
+
+OptimConfig = Annotated[
+    Annotated[SGDConfig, Tag("sgd")]
+    | Annotated[AdamConfig, Tag("adam")]
+    | Annotated[AdamWConfig, Tag("adamw")],
+    _name_or("adam"),
+]
+
+
+# --------------------------------------------------------------------------- schedule
+class _ScheduleBase(Strict):
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to the base lr")
+
+
+class ConstantSchedule(_ScheduleBase):
+    name: Literal["constant"]
+
+
+class StepSchedule(_ScheduleBase):
+    name: Literal["step"]
+    step_size: int = Field(gt=0, description="multiply the lr by gamma every step_size steps")
+    gamma: float = Field(0.1, gt=0)
+
+
+class CosineSchedule(_ScheduleBase):
+    name: Literal["cosine"]
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / base lr")
+
+
+class OneCycleSchedule(Strict):
+    """Smith & Topin 2019, as torch's OneCycleLR (cosine annealing; no momentum cycling)."""
+
+    name: Literal["onecycle"]
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    div_factor: float = Field(25.0, gt=0)
+    final_div_factor: float = Field(1e4, gt=0)
+
+
+ScheduleConfig = Annotated[
+    Annotated[ConstantSchedule, Tag("constant")]
+    | Annotated[StepSchedule, Tag("step")]
+    | Annotated[CosineSchedule, Tag("cosine")]
+    | Annotated[OneCycleSchedule, Tag("onecycle")],
+    _name_or("constant"),
+]
+
+
+# --------------------------------------------------------------------------- train
+class TrainConfig(Strict):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    eval_every: int = Field(200, gt=0, description="evaluate and save last.pt every N steps")
+    eval_batch_size: int = Field(1024, gt=0)
+    log_every: int = Field(50, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU"
+    )
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
+    early_stopping: int | None = Field(
+        None, gt=0, description="stop after N evaluations without improvement"
+    )
+    deterministic: bool = Field(True, description="deterministic kernels (bit-identical on CPU)")
+
+
+class SelectionConfig(Strict):
+    rule: Literal["source_val", "last"] = Field(
+        "source_val", description="source_val: best on the source's val split; last: final step"
+    )
+    metric: str | None = Field(None, description="default <source>/val/acc")
+    mode: Literal["max", "min"] | None = Field(None, description="default: min for */loss")
+
+
+class MethodSection(BaseModel):
+    """`method.name` plus that method's own hyper-parameters, checked by its Config."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "erm"
+
+
+class ExperimentConfig(Strict):
+    name: str | None = Field(None, description="experiment name; default: the file's stem")
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodSection = MethodSection()
+    optim: OptimConfig = Field(default_factory=lambda: AdamConfig(name="adam"))
+    schedule: ScheduleConfig = Field(default_factory=lambda: ConstantSchedule(name="constant"))
+    train: TrainConfig = TrainConfig()
+    selection: SelectionConfig = SelectionConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if self.train.early_stopping is not None and self.selection.rule == "last":
+            raise ValueError(
+                "train.early_stopping needs a selection metric, and selection.rule 'last' has none"
+            )
+        if (
+            isinstance(self.schedule, StepSchedule | CosineSchedule | ConstantSchedule)
+            and self.schedule.warmup_steps >= self.train.steps
+        ):
+            raise ValueError("schedule.warmup_steps must be smaller than train.steps")
+        return self
+
+    # The validated `method` section: set by load_config from the method's own Config.
+    _method_config: Any = None
+
+    @property
+    def method_config(self) -> BaseModel:
+        return self._method_config
+
+
+# --------------------------------------------------------------------------- loading
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML mapping with `yaml.safe_load`; any problem names the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a config must be a YAML mapping of sections, not a {type(data).__name__}"
+        )
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` wins; nested mappings merge key by key, everything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"{chain[-1]}: base: configs form a cycle: {cycle}")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected the path of a config file")
+    base_path = Path(base).expanduser()
+    if not base_path.is_absolute():
+        base_path = path.parent / base_path
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: config file {base_path} not found")
+    return deep_merge(_read_with_bases(base_path, (*chain, path)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise ConfigError(f"override '{text}': expected key.path=value, e.g. train.steps=500")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{text}': the value is not valid YAML") from None
+    return [p.strip() for p in parts], value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = deep_merge({}, data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"override '{text}': {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    subcommand: str = "train-source",
+    flags: dict[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Read, merge, override and validate a config for `subcommand`.
+
+    `flags` holds top-level values from CLI flags (`seed`, `device`), which win over all.
+    Raises ConfigError with one line per problem.
+    """
+    path = Path(path)
+    data = apply_overrides(_read_with_bases(path), list(overrides))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            data[key] = value
+    return validate_config(data, source=str(path), subcommand=subcommand, stem=path.stem)
+
+
+def validate_config(
+    data: dict[str, Any], *, source: str, subcommand: str, stem: str | None = None
+) -> ExperimentConfig:
+    """Validate a merged config mapping; `source` names it in error messages."""
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = _error_lines(exc, ExperimentConfig)
+        raise ConfigError(*(f"{source}: {line}" for line in lines)) from None
+    if cfg.name is None and stem:
+        cfg.name = stem
+
+    from xdt_cli.methods import METHODS  # methods import torch; keep `config` light to import
+
+    method_name = cfg.method.name
+    method_cls = METHODS.get(method_name)
+    if method_cls is None:
+        raise ConfigError(
+            f"{source}: method.name: unknown method '{method_name}'"
+            + _did_you_mean(method_name, METHODS)
+            + f" (known: {', '.join(sorted(METHODS))})"
+        )
+    if subcommand not in method_cls.regimes:
+        raise ConfigError(
+            f"{source}: method.name: '{method_name}' does not serve {subcommand} "
+            f"(it serves: {', '.join(sorted(method_cls.regimes))})"
+        )
+    params = dict(cfg.method.model_extra or {})
+    try:
+        method_cfg = method_cls.Config.model_validate(params)
+    except ValidationError as exc:
+        raise ConfigError(
+            *(f"{source}: method.{line}" for line in _error_lines(exc, method_cls.Config))
+        ) from None
+    cfg.method = MethodSection(name=method_name, **method_cfg.model_dump())
+    cfg._method_config = method_cfg
+
+    problems = _regime_problems(cfg, subcommand)
+    if problems:
+        raise ConfigError(*(f"{source}: {p}" for p in problems))
+    return cfg
+
+
+def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
+    """Settings that the schema accepts but this subcommand cannot run."""
+    if subcommand not in SUBCOMMANDS:
+        return [f"unknown subcommand '{subcommand}'"]
+    problems = []
+    if cfg.data.source is None:
+        problems.append("data.source: required by train-source (e.g. {dataset: mnist5k})")
+    return problems
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML, exactly what runs (and what `xdt resume` re-reads)."""
+    data = cfg.model_dump(mode="json")
+    for section in data.values():  # `name` first where a section is chosen by name
+        if isinstance(section, dict) and "name" in section:
+            section_name = section.pop("name")
+            items = list(section.items())
+            section.clear()
+            section.update({"name": section_name, **dict(items)})
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+# --------------------------------------------------------------------------- error text
+def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation may hold (through Optional, Union, Annotated)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
+
+
+def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
+    """Follow a pydantic error location through the schema.
+
+    Returns the dotted path without union tags, and the field names valid at its last level.
+    """
+    models, path = [root], []
+    for part in loc:
+        tagged = [m for m in models if _tag_of(m) == part]
+        if tagged:  # a discriminated-union tag, not a key the user wrote
+            models = tagged
+            continue
+        path.append(str(part))
+        nxt = []
+        for model in models:
+            field = model.model_fields.get(str(part))
+            if field is not None:
+                nxt.extend(_models_in(field.annotation))
+        models = nxt
+    return path, sorted({name for m in models for name in m.model_fields})
+
+
+def _tag_of(model: type[BaseModel]) -> str | None:
+    field = model.model_fields.get("name")
+    if field is not None and typing.get_origin(field.annotation) is Literal:
+        return typing.get_args(field.annotation)[0]
+    return None
+
+
+def _error_lines(exc: ValidationError, root: type[BaseModel]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            path, valid = _walk(root, loc[:-1])
+            key = str(loc[-1])
+            dotted = ".".join([*path, key])
+            close = _did_you_mean(key, valid)
+            if close:
+                close = close.replace("'", "'" + ".".join(path) + ".", 1) if path else close
+            lines.append(f"{dotted}: unknown key{close}")
+            continue
+        path, _ = _walk(root, loc)
+        dotted = ".".join(path) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "union_tag_invalid":
+            tag = err["ctx"]["tag"]
+            expected = [t.strip(" '") for t in err["ctx"]["expected_tags"].split(",")]
+            dotted = ".".join([*path, "name"])
+            msg = (
+                f"unknown name '{tag}'{_did_you_mean(tag, expected)}; "
+                f"expected one of {', '.join(expected)}"
+            )
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            if not path:
+                lines.append(msg)
+                continue
+        elif "input" in err and err["type"] != "missing":
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{dotted}: {msg}")
+    return lines

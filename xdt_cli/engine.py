@@ -1,0 +1,375 @@
+"""THE training loop, shared by every subcommand.
+
+The engine decides when to step, log, evaluate, save and stop; the method decides the loss
+(`method.training_step`), and the regime decides which data streams feed a step. The engine
+never branches on a method's or a subcommand's name.
+
+Per step: one batch from every stream -> `training_step` under autocast -> (scaled) backward
+-> optional clipping -> optimizer and schedule step. Every `log_every` steps a train row goes
+to metrics.jsonl; every `eval_every` steps (and at the end) an eval row, best.pt when the
+selection metric improves, and last.pt with the full state (model, optimizer, schedule,
+grad scaler, RNG, step, best so far, early-stopping count, the open log window). Resuming
+from last.pt therefore replays the remaining steps exactly: the data order is a function of
+the step (see data/stream.py).
+
+Loss values are summed on the device and read once per log step, not once per step, so the
+loop does not synchronise with a GPU on every step; the non-finite guard reads the same sums
+at every log step and before any checkpoint is written, so a NaN never reaches last.pt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xdt_cli.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
+from xdt_cli.config import (
+    AdamConfig,
+    AdamWConfig,
+    CosineSchedule,
+    ExperimentConfig,
+    OneCycleSchedule,
+    SGDConfig,
+    StepSchedule,
+)
+from xdt_cli.data import InMemoryStream, Split
+from xdt_cli.errors import CheckpointError, NonFiniteLoss, RunInterrupted
+from xdt_cli.evaluation import evaluate
+from xdt_cli.methods.base import Method
+from xdt_cli.progress import Reporter
+from xdt_cli.runs import RunDir
+from xdt_cli.runtime import Runtime, resolve_precision
+
+
+@dataclass(frozen=True)
+class Selection:
+    rule: str
+    metric: str | None  # None for rule "last"
+    mode: str  # "max" or "min"
+
+    def better(self, value: float, best: float | None) -> bool:
+        if self.metric is None or best is None:
+            return True
+        return value > best if self.mode == "max" else value < best
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "metric": self.metric, "mode": self.mode}
+
+
+@dataclass
+class Experiment:
+    """What a regime hands the engine: the method, its training streams and eval sets."""
+
+    subcommand: str
+    method: Method
+    streams: list[InMemoryStream]
+    eval_sets: dict[str, dict[str, Split]]
+    selection: Selection
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- optimisation
+def build_optimizer(cfg: ExperimentConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if isinstance(o, SGDConfig):
+        return torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        )
+    if isinstance(o, AdamWConfig):
+        return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    assert isinstance(o, AdamConfig)
+    return torch.optim.Adam(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def lr_factor(cfg: ExperimentConfig) -> Callable[[int], float]:
+    """The multiplier of the base lr for optimizer step k (0-based), for LambdaLR."""
+    s, total = cfg.schedule, cfg.train.steps
+    if isinstance(s, OneCycleSchedule):
+        # torch.optim.lr_scheduler.OneCycleLR with anneal_strategy="cos", as a factor.
+        lo, hi, end = 1 / s.div_factor, 1.0, 1 / (s.div_factor * s.final_div_factor)
+        peak = max(s.pct_start * total - 1, 1)
+
+        def onecycle(k: int) -> float:
+            if k <= peak:
+                return _cos_between(lo, hi, k / peak)
+            return _cos_between(hi, end, min((k - peak) / max(total - 1 - peak, 1), 1.0))
+
+        return onecycle
+
+    warmup = s.warmup_steps
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        t = min((k - warmup) / max(total - warmup, 1), 1.0)
+        if isinstance(s, StepSchedule):
+            return s.gamma ** ((k - warmup) // s.step_size)
+        if isinstance(s, CosineSchedule):
+            return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+    return factor
+
+
+def _cos_between(start: float, end: float, t: float) -> float:
+    return end + (start - end) / 2 * (1 + math.cos(math.pi * t))
+
+
+# --------------------------------------------------------------------------- the engine
+class Engine:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        experiment: Experiment,
+        runtime: Runtime,
+        *,
+        run: RunDir | None,
+        reporter: Reporter,
+        evaluate: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.exp = experiment
+        self.method = experiment.method
+        self.streams = experiment.streams
+        self.runtime = runtime
+        self.device = runtime.device
+        self.run = run if runtime.is_main else None
+        self.reporter = reporter
+        self.do_evaluate = evaluate
+
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            self.autocast = torch.autocast(device_type=self.device.type, dtype=dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+        self.params = [p for p in self.method.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, self.params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
+
+        self.step = 0
+        self.best: dict[str, Any] | None = None  # {"step", "value", "metrics"}
+        self.last_eval: dict[str, float] = {}
+        self.bad_evals = 0
+        self.log_sums: dict[str, Tensor] = {}
+        self.log_count = 0
+        self.elapsed_before = 0.0
+        self._signal: int | None = None
+        # A test hook: called after every step; it may set `engine.stop_now(signum)`.
+        self.after_step: Callable[[Engine], None] | None = None
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self, elapsed: float) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.step,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "data": [s.state_dict() for s in self.streams],
+            "best": self.best,
+            "last_eval": self.last_eval,
+            "bad_evals": self.bad_evals,
+            "log_sums": {k: v.detach().cpu() for k, v in self.log_sums.items()},
+            "log_count": self.log_count,
+            "elapsed": elapsed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        if state.get("data") != [s.state_dict() for s in self.streams]:
+            raise CheckpointError(f"{source}: its data streams differ from this run's config")
+        try:
+            self.method.load_state_dict(unwrap_state_dict(state["method"]))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["cpu"])
+            if self.device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            self.step = int(state["step"])
+            self.best = state["best"]
+            self.last_eval = dict(state["last_eval"])
+            self.bad_evals = int(state["bad_evals"])
+            self.log_sums = {k: v.to(self.device) for k, v in state["log_sums"].items()}
+            self.log_count = int(state["log_count"])
+            self.elapsed_before = float(state["elapsed"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{source}: does not match this run ({first[:200]})") from None
+
+    def resume_from(self, path) -> None:
+        self.load_state_dict(load_checkpoint(path), str(path))
+
+    def stop_now(self, signum: int) -> None:
+        """Ask the loop to save last.pt and stop after the current step."""
+        self._signal = signum
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train from `self.step` to `train.steps`; return the summary (also written)."""
+        total = self.cfg.train.steps
+        started = time.perf_counter()
+        elapsed = lambda: self.elapsed_before + time.perf_counter() - started  # noqa: E731
+        self.method.train()
+        status, error, early = "completed", None, False
+        self.reporter.start(total=total, done=self.step)
+        try:
+            with self._signals():
+                while self.step < total:
+                    out = self._train_step()
+                    self.step += 1
+                    self._accumulate(out)
+                    self.reporter.advance(self.step)
+                    if self.step % self.cfg.train.log_every == 0:
+                        self._log_train()
+                    if self.do_evaluate and (
+                        self.step % self.cfg.train.eval_every == 0 or self.step == total
+                    ):
+                        early = self._evaluate_and_save(elapsed())
+                        if early:
+                            break
+                    if self.after_step is not None:
+                        self.after_step(self)
+                    if self._signal is not None:
+                        self._check_finite()
+                        self._save_last(elapsed())
+                        raise RunInterrupted(self._signal, self.step)
+        except NonFiniteLoss as exc:
+            status, error = "failed", str(exc)
+        except RunInterrupted:
+            self._write_summary("interrupted", elapsed(), None, False)
+            raise
+        finally:
+            self.reporter.stop()
+        return self._write_summary(status, elapsed(), error, early)
+
+    def _train_step(self) -> dict[str, Tensor]:
+        batch = [s.batch(self.step) for s in self.streams]
+        with self.autocast:
+            out = self.method.training_step(batch, self.step)
+        self.scaler.scale(out["loss"]).backward()
+        if self.cfg.train.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return out
+
+    def _accumulate(self, out: dict[str, Tensor]) -> None:
+        for key, value in out.items():
+            value = value.detach().float()
+            total = self.log_sums.get(key)
+            self.log_sums[key] = value if total is None else total + value
+        self.log_count += 1
+
+    def _check_finite(self) -> None:
+        loss = self.log_sums.get("loss")
+        if loss is not None and not torch.isfinite(loss).item():
+            raise NonFiniteLoss(
+                f"the training loss became non-finite between steps "
+                f"{self.step - self.log_count + 1} and {self.step}; last.pt keeps the last "
+                "good state (try a lower optim.lr, train.grad_clip, or train.precision=fp32)"
+            )
+
+    def _log_train(self) -> None:
+        self._check_finite()
+        row: dict[str, Any] = {"step": self.step, "split": "train"}
+        for key, total in self.log_sums.items():
+            row[f"train/{key}"] = (total / self.log_count).item()
+        row["train/lr"] = self.scheduler.get_last_lr()[0]
+        self.log_sums, self.log_count = {}, 0
+        if self.run is not None:
+            self.run.append_metrics(row)
+        self.reporter.train_row(row)
+
+    def _evaluate_and_save(self, elapsed: float) -> bool:
+        """Evaluate, update best.pt and last.pt; return True when early stopping triggers."""
+        self._check_finite()
+        metrics = evaluate(
+            self.method,
+            self.exp.eval_sets,
+            batch_size=self.cfg.train.eval_batch_size,
+            device=self.device,
+            autocast=self.autocast,
+        )
+        self.last_eval = metrics
+        sel = self.exp.selection
+        value = metrics[sel.metric] if sel.metric else None
+        improved = sel.better(value, self.best["value"] if self.best else None)
+        if improved:
+            self.best = {"step": self.step, "value": value, "metrics": metrics}
+            self.bad_evals = 0
+            if self.run is not None:
+                save_checkpoint(
+                    self.run.best_ckpt,
+                    {"step": self.step, "method": self.method.state_dict(), "metrics": metrics},
+                )
+        else:
+            self.bad_evals += 1
+        if self.run is not None:
+            self.run.append_metrics({"step": self.step, "split": "eval", **metrics})
+        self._save_last(elapsed)
+        self.reporter.eval_row(self.step, metrics, sel.metric, improved)
+        patience = self.cfg.train.early_stopping
+        return patience is not None and self.bad_evals >= patience
+
+    def _save_last(self, elapsed: float) -> None:
+        if self.run is not None:
+            save_checkpoint(self.run.last_ckpt, self.state_dict(elapsed))
+
+    def _write_summary(
+        self, status: str, elapsed: float, error: str | None, early: bool
+    ) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "status": status,
+            "subcommand": self.exp.subcommand,
+            "final": self.last_eval,
+            "best": self.best["metrics"] if self.best else {},
+            "best_step": self.best["step"] if self.best else None,
+            "selection": self.exp.selection.as_dict(),
+            "steps": self.step,
+            "wall_time_s": round(elapsed, 3),
+            "early_stopped": early,
+        }
+        if error is not None:
+            summary["error"] = error
+        if self.run is not None:
+            summary["run_dir"] = str(self.run.path)
+            self.run.write_json(self.run.summary_path, summary)
+        return summary
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM ask the loop to stop after the current step and save."""
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._signal is not None:  # a second Ctrl-C: stop at once
+                raise KeyboardInterrupt
+            self._signal = signum
+            self.reporter.message("stopping after this step; saving last.pt ...")
+
+        try:
+            previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave the handlers alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)

@@ -1,0 +1,43 @@
+"""User-facing errors: each one carries a message that names the bad key, file or argument.
+
+The CLI turns an `XdtError` into exit code 2 and one line per problem on stderr, never a
+traceback. Anything else that escapes is a runtime failure (exit 1).
+"""
+
+from __future__ import annotations
+
+
+class XdtError(Exception):
+    """A problem with what the user gave us (config, argument, file, checkpoint).
+
+    `lines` holds one message per problem; `str(err)` joins them.
+    """
+
+    def __init__(self, *lines: str) -> None:
+        self.lines = [" ".join(str(line).split()) for line in lines if line]
+        super().__init__("\n".join(self.lines))
+
+
+class ConfigError(XdtError):
+    """The config file, a `base:` config, or an override is invalid."""
+
+
+class CheckpointError(XdtError):
+    """A checkpoint or run folder cannot be read or is refused."""
+
+
+class RunInterrupted(Exception):
+    """Training was stopped by SIGINT or SIGTERM after `last.pt` was saved."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum = signum
+        self.step = step
+        super().__init__(f"interrupted by signal {signum} at step {step}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite; the run stops with status "failed"."""

@@ -1,0 +1,25 @@
+"""The registry of learning rules: `method.name` -> Method class.
+
+Each method lives in its own module and registers itself with `@register`; the modules are
+imported explicitly at the bottom of this file, so the registry is complete after
+`import xdt_cli.methods` and nothing is discovered by magic.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xdt_cli.methods.base import Method
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS:
+        raise ValueError(f"method '{cls.name}' is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+from xdt_cli.methods import erm  # noqa: E402, F401  (registers itself)

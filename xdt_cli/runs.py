@@ -1,0 +1,195 @@
+"""Run folders: creation, meta.json, the metrics.jsonl writer and summary.json.
+
+```
+<run>/config.yaml          the fully resolved config
+<run>/meta.json            versions, git sha, device, argv, start time
+<run>/metrics.jsonl        one JSON object per line, each with "step" and "split"
+<run>/checkpoints/last.pt  full training state
+<run>/checkpoints/best.pt  the checkpoint the selection rule chose
+<run>/summary.json         written last, atomically; its presence means the run ended
+```
+A folder is claimed with `os.mkdir`, which fails if it exists, so two processes never share
+one. A run holds an exclusive lock on `<run>/.lock` while it trains, so `xdt resume` cannot
+race a run that is still going.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from xdt_cli import __version__
+from xdt_cli.checkpoint import atomic_write_text
+from xdt_cli.errors import CheckpointError, XdtError
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("XDT_RUNS_DIR") or "runs")
+
+
+def check_run_name(name: str) -> str:
+    if not name or "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise XdtError(
+            f"--name '{name}': a run name is one folder name, without '/', '..' or a leading '.'"
+        )
+    return name
+
+
+def create_run_dir(
+    runs_dir: Path, subcommand: str, config_name: str, name: str | None, overwrite: bool
+) -> Path:
+    """Claim a new run folder: `<runs>/NAME`, or `<runs>/<subcommand>/<config>-<timestamp>`."""
+    runs_dir = Path(runs_dir)
+    if name is not None:
+        path = runs_dir / check_run_name(name)
+        if path.exists() and overwrite:
+            if not (path / "config.yaml").exists() and any(path.iterdir()):
+                raise XdtError(f"--overwrite: {path} is not an xdt run folder; not deleting it")
+            shutil.rmtree(path)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise XdtError(
+                f"--name: run folder {path} already exists (use --overwrite to replace it, "
+                "or xdt resume to continue it)"
+            ) from None
+        return path
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    parent = runs_dir / subcommand
+    parent.mkdir(parents=True, exist_ok=True)
+    base = f"{check_run_name(config_name)}-{stamp}"
+    for attempt in range(1000):  # two runs started in the same second get -1, -2, ...
+        path = parent / (base if attempt == 0 else f"{base}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise XdtError(f"could not create a run folder under {parent}")
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,  # the sha of the xdt source that runs
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def make_meta(subcommand: str, device: str, precision: str, argv: list[str]) -> dict[str, Any]:
+    import torch
+
+    return {
+        "xdt": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_sha": git_sha(),
+        "subcommand": subcommand,
+        "device": device,
+        "precision": precision,
+        "argv": argv,
+        "start_time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunDir:
+    """Paths and files of one run folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock_fh = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def best_ckpt(self) -> Path:
+        return self.path / "checkpoints" / "best.pt"
+
+    def lock(self) -> None:
+        """Hold an exclusive lock for the life of this process (released at exit)."""
+        self._lock_fh = open(self.path / ".lock", "w")  # noqa: SIM115  (held until exit)
+        try:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise XdtError(f"{self.path}: another xdt process is using this run") from None
+
+    def unlock(self) -> None:
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    def write_json(self, path: Path, data: dict[str, Any]) -> None:
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+    def read_json(self, path: Path) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: not found; is {self.path} an xdt run folder?") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        return data
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a hard kill
+                break
+        return rows
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep only the rows up to `step`: what a resumed run will write again is dropped."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,84 @@
+"""The one place that decides the device, this process's rank, and whether it writes files.
+
+Everything else asks a `Runtime`. Under torchrun the environment carries RANK, WORLD_SIZE
+and LOCAL_RANK; `Runtime.from_env` reads them, so a multi-process launch changes this module
+and the engine's gradient reduction, not every caller. Today a run is one process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from xdt_cli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes the run folder and prints."""
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str) -> Runtime:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size != 1:
+            raise ConfigError(
+                f"WORLD_SIZE={world_size}: xdt trains one process per run; "
+                "launch it without torchrun"
+            )
+        return cls(device=resolve_device(device))
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` picks CUDA when present; `cuda`/`cuda:N` must exist (ConfigError otherwise)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(
+            f"device: '{spec}' is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"device: '{spec}' is not supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: '{spec}' was asked for, but CUDA is not available here")
+    index = device.index if device.index is not None else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device: '{spec}' does not exist; this machine has {torch.cuda.device_count()} "
+            "CUDA device(s)"
+        )
+    return torch.device("cuda", index)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed every generator a run may touch and choose deterministic kernels."""
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds the CPU and all CUDA generators
+    if deterministic:
+        # cuBLAS needs this before its first call to be deterministic (PyTorch docs,
+        # "Reproducibility"); it has no effect on the CPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Mixed precision is for CUDA: `auto` is bf16 where supported (else fp16); CPU is fp32."""
+    if device.type != "cuda":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
