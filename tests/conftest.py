@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny configs on the embedded data, and an isolated runs folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"source": {"dataset": "digits"}},
+    "model": {"backbone": "lenet"},
+    "optim": {"name": "adam", "lr": 3e-3},
+    "train": {"steps": 40, "batch_size": 32, "eval_every": 20, "log_every": 10},
+}
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test writes into the repository's runs/ folder."""
+    monkeypatch.setenv("XDT_RUNS_DIR", str(tmp_path / "runs"))
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    """A 40-step LeNet run on `digits` (a couple of seconds on a laptop CPU)."""
+    return write_config(tmp_path / "tiny.yaml", TINY)
