@@ -164,8 +164,6 @@ class Engine:
         self.log_count = 0
         self.elapsed_before = 0.0
         self._signal: int | None = None
-        # A test hook: called after every step; it may set `engine.stop_now(signum)`.
-        self.after_step: Callable[[Engine], None] | None = None
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self, elapsed: float) -> dict[str, Any]:
@@ -213,10 +211,6 @@ class Engine:
     def resume_from(self, path) -> None:
         self.load_state_dict(load_checkpoint(path), str(path))
 
-    def stop_now(self, signum: int) -> None:
-        """Ask the loop to save last.pt and stop after the current step."""
-        self._signal = signum
-
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train from `self.step` to `train.steps`; return the summary (also written)."""
@@ -241,8 +235,6 @@ class Engine:
                         early = self._evaluate_and_save(elapsed())
                         if early:
                             break
-                    if self.after_step is not None:
-                        self.after_step(self)
                     if self._signal is not None:
                         self._check_finite()
                         self._save_last(elapsed())

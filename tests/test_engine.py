@@ -1,0 +1,227 @@
+"""The engine: determinism, resume, the non-finite guard, early stopping, schedules, parity."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import TINY, write_config
+from xdt_cli.api import resume_run, start_run
+from xdt_cli.checkpoint import load_checkpoint
+from xdt_cli.config import deep_merge, load_config
+from xdt_cli.engine import Engine, lr_factor
+from xdt_cli.errors import RunInterrupted
+from xdt_cli.methods.erm import ERM
+from xdt_cli.progress import Reporter
+from xdt_cli.regimes import build_experiment
+from xdt_cli.runtime import Runtime
+
+QUIET = Reporter(quiet=True)
+
+
+def run(config: Path, name: str, runs: Path, overrides=()) -> dict:
+    return start_run(
+        "train-source", config, list(overrides), name=name, runs_dir=runs, reporter=QUIET
+    )
+
+
+def metrics_text(runs: Path, name: str) -> str:
+    return (runs / name / "metrics.jsonl").read_text()
+
+
+def test_same_seed_gives_bit_identical_metrics(tiny_config: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    a = run(tiny_config, "a", runs)
+    b = run(tiny_config, "b", runs)
+    assert metrics_text(runs, "a") == metrics_text(runs, "b")
+    assert a["final"] == b["final"] and a["best"] == b["best"]
+    c = run(tiny_config, "c", runs, ["seed=1"])
+    assert metrics_text(runs, "c") != metrics_text(runs, "a")
+
+
+def test_run_learns_and_records_every_eval(tiny_config: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    summary = run(tiny_config, "learn", runs, ["train.steps=200", "train.eval_every=50"])
+    rows = [json.loads(line) for line in metrics_text(runs, "learn").splitlines()]
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [50, 100, 150, 200]
+    assert {"digits/val/acc", "digits/val/loss", "digits/test/acc"} <= set(evals[0])
+    trains = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in trains] == list(range(10, 201, 10))
+    assert trains[-1]["train/loss"] < trains[0]["train/loss"]
+    assert summary["final"]["digits/test/acc"] > 0.8  # 10 classes: chance is 0.1
+    best = max(evals, key=lambda r: r["digits/val/acc"])  # first maximum wins ties
+    assert summary["best_step"] == best["step"]
+    assert summary["best"] == {k: v for k, v in best.items() if k not in ("step", "split")}
+    ckpt = load_checkpoint(runs / "learn" / "checkpoints" / "best.pt")
+    assert ckpt["step"] == best["step"]
+
+
+# A config whose state has everything a resume must restore: dropout (RNG), batch norm,
+# momentum, a warm-up + cosine schedule, gradient clipping, and a target domain.
+RESUMABLE = deep_merge(
+    TINY,
+    {
+        "data": {"target": {"dataset": "mnist5k"}},
+        "model": {"backbone": "cnn"},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "schedule": {"name": "cosine", "warmup_steps": 5},
+        "train": {"steps": 30, "eval_every": 10, "log_every": 4, "grad_clip": 1.0},
+    },
+)
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
+    """Deliver a real signal to this process right after optimizer step `step`."""
+    original = Engine._accumulate
+
+    def accumulate(self, out):
+        original(self, out)
+        if self.step == step:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(Engine, "_accumulate", accumulate)
+
+
+@pytest.mark.parametrize("stop_at", [13, 20])  # inside a log window / at an eval step
+def test_interrupted_and_resumed_run_is_bit_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_at: int
+) -> None:
+    config = write_config(tmp_path / "resumable.yaml", RESUMABLE)
+    runs = tmp_path / "runs"
+    straight = run(config, "straight", runs)
+
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, stop_at, signal.SIGINT)
+        with pytest.raises(RunInterrupted) as info:
+            run(config, "cut", runs)
+    assert info.value.exit_code == 130 and info.value.step == stop_at
+    cut = runs / "cut"
+    assert json.loads((cut / "summary.json").read_text())["status"] == "interrupted"
+    assert load_checkpoint(cut / "checkpoints" / "last.pt")["step"] == stop_at
+
+    resumed, trained = resume_run(cut, reporter=QUIET)
+    assert trained
+    assert metrics_text(runs, "cut") == metrics_text(runs, "straight")
+    for key in ("final", "best", "best_step", "steps", "status"):
+        assert resumed[key] == straight[key]
+    for name in ("last.pt", "best.pt"):
+        a = load_checkpoint(runs / "straight" / "checkpoints" / name)["method"]
+        b = load_checkpoint(cut / "checkpoints" / name)["method"]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_sigterm_saves_and_exits_143(tiny_config: Path, tmp_path: Path, monkeypatch) -> None:
+    _interrupt_at(monkeypatch, 7, signal.SIGTERM)
+    with pytest.raises(RunInterrupted) as info:
+        run(tiny_config, "term", tmp_path / "runs")
+    assert info.value.exit_code == 143
+    assert load_checkpoint(tmp_path / "runs" / "term" / "checkpoints" / "last.pt")["step"] == 7
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    tiny_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = ERM.training_step
+
+    def poisoned(self, batch, step):
+        out = original(self, batch, step)
+        if step >= 25:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(ERM, "training_step", poisoned)
+    summary = run(tiny_config, "nan", tmp_path / "runs")
+    assert summary["status"] == "failed"
+    assert "non-finite" in summary["error"]
+    assert summary["steps"] == 30  # caught at the log step after the first NaN
+    last = load_checkpoint(tmp_path / "runs" / "nan" / "checkpoints" / "last.pt")
+    assert last["step"] == 20
+    assert all(torch.isfinite(v).all() for v in last["method"].values() if v.is_floating_point())
+    on_disk = json.loads((tmp_path / "runs" / "nan" / "summary.json").read_text())
+    assert on_disk["status"] == "failed"
+
+
+def test_early_stopping_stops_after_patience(tiny_config: Path, tmp_path: Path) -> None:
+    # With a vanishing learning rate the val accuracy cannot improve after the first eval.
+    summary = run(
+        tiny_config,
+        "early",
+        tmp_path / "runs",
+        ["optim.lr=1e-12", "train.steps=200", "train.early_stopping=2"],
+    )
+    assert summary["early_stopped"] is True
+    assert summary["steps"] == 60  # best at 20, no improvement at 40 and 60
+    assert summary["best_step"] == 20
+
+
+def test_selection_rule_last_picks_the_final_step(tiny_config: Path, tmp_path: Path) -> None:
+    summary = run(tiny_config, "last", tmp_path / "runs", ["selection.rule=last"])
+    assert summary["best_step"] == 40 and summary["best"] == summary["final"]
+    assert summary["selection"] == {"rule": "last", "metric": None, "mode": "max"}
+
+
+def test_engine_matches_a_plain_pytorch_loop(tiny_config: Path) -> None:
+    """The engine adds no math: 30 SGD steps give bit-identical weights to a plain loop."""
+    overrides = ["optim.name=sgd", "optim.lr=0.05", "train.steps=30"]
+    cfg = load_config(tiny_config, overrides)
+    runtime = Runtime.from_env("cpu")
+
+    exp = build_experiment("train-source", cfg, runtime)
+    Engine(cfg, exp, runtime, run=None, reporter=QUIET, evaluate=False).fit()
+
+    plain = build_experiment("train-source", cfg, runtime)  # same seed: same initial weights
+    model, data = plain.method.model, plain.streams[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    per_epoch = len(data.y) // 32
+    for step in range(30):
+        epoch, i = divmod(step, per_epoch)
+        perm = torch.randperm(len(data.y), generator=torch.Generator().manual_seed(epoch))
+        idx = perm[i * 32 : (i + 1) * 32]
+        loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    trained = exp.method.model.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("schedule", "checks"),
+    [
+        ({"name": "constant"}, {0: 1.0, 99: 1.0}),
+        ({"name": "constant", "warmup_steps": 10}, {0: 0.1, 4: 0.5, 9: 1.0, 50: 1.0}),
+        ({"name": "step", "step_size": 30, "gamma": 0.5}, {0: 1.0, 29: 1.0, 30: 0.5, 95: 0.125}),
+        ({"name": "cosine", "min_lr_ratio": 0.1}, {0: 1.0, 50: 0.55, 100: 0.1}),
+    ],
+)
+def test_lr_schedules(tiny_config: Path, schedule: dict, checks: dict) -> None:
+    cfg = load_config(
+        tiny_config, ["train.steps=100"] + [f"schedule.{k}={v}" for k, v in schedule.items()]
+    )
+    factor = lr_factor(cfg)
+    for step, expected in checks.items():
+        assert math.isclose(factor(step), expected, rel_tol=1e-9), (step, factor(step))
+
+
+def test_onecycle_matches_torch(tiny_config: Path) -> None:
+    cfg = load_config(tiny_config, ["train.steps=100", "schedule.name=onecycle", "optim.lr=0.1"])
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1, momentum=0.0)
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.1, total_steps=100, cycle_momentum=False
+    )
+    factor = lr_factor(cfg)
+    for step in range(100):
+        assert math.isclose(opt.param_groups[0]["lr"], 0.1 * factor(step), rel_tol=1e-6), step
+        opt.step()
+        reference.step()
