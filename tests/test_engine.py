@@ -42,7 +42,7 @@ def test_same_seed_gives_bit_identical_metrics(tiny_config: Path, tmp_path: Path
     b = run(tiny_config, "b", runs)
     assert metrics_text(runs, "a") == metrics_text(runs, "b")
     assert a["final"] == b["final"] and a["best"] == b["best"]
-    c = run(tiny_config, "c", runs, ["seed=1"])
+    run(tiny_config, "c", runs, ["seed=1"])
     assert metrics_text(runs, "c") != metrics_text(runs, "a")
 
 
