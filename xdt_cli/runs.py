@@ -47,7 +47,17 @@ def create_run_dir(
     runs_dir: Path, subcommand: str, config_name: str, name: str | None, overwrite: bool
 ) -> Path:
     """Claim a new run folder: `<runs>/NAME`, or `<runs>/<subcommand>/<config>-<timestamp>`."""
-    runs_dir = Path(runs_dir)
+    try:
+        return _create_run_dir(Path(runs_dir), subcommand, config_name, name, overwrite)
+    except PermissionError as exc:
+        raise XdtError(f"--runs-dir: cannot write {exc.filename}: permission denied") from None
+    except NotADirectoryError as exc:
+        raise XdtError(f"--runs-dir: {exc.filename} is not a folder") from None
+
+
+def _create_run_dir(
+    runs_dir: Path, subcommand: str, config_name: str, name: str | None, overwrite: bool
+) -> Path:
     if name is not None:
         path = runs_dir / check_run_name(name)
         if path.exists() and overwrite:

@@ -1,0 +1,55 @@
+"""CUDA paths: mixed precision and resume on a GPU. Skipped where there is no CUDA device."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_engine import QUIET, _interrupt_at, run
+from xdt_cli.api import resume_run
+from xdt_cli.errors import RunInterrupted
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_trains_on_cuda(tiny_config: Path, tmp_path: Path, precision: str) -> None:
+    summary = run(
+        tiny_config,
+        precision,
+        tmp_path / "runs",
+        ["device=cuda", f"train.precision={precision}", "train.steps=200", "train.eval_every=100"],
+    )
+    assert summary["status"] == "completed"
+    assert summary["final"]["digits/test/acc"] > 0.8
+    meta = json.loads((tmp_path / "runs" / precision / "meta.json").read_text())
+    assert meta["device"].startswith("cuda") and meta["precision"] == precision
+
+
+def test_auto_precision_is_mixed_on_cuda(tiny_config: Path, tmp_path: Path) -> None:
+    run(tiny_config, "auto", tmp_path / "runs", ["device=cuda"])
+    meta = json.loads((tmp_path / "runs" / "auto" / "meta.json").read_text())
+    assert meta["precision"] in ("bf16", "fp16")
+
+
+def test_resume_on_cuda_finishes_like_an_uninterrupted_run(
+    tiny_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = ["device=cuda", "train.precision=fp16"]
+    straight = run(tiny_config, "straight", tmp_path / "runs", overrides)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 13, signal.SIGINT)
+        with pytest.raises(RunInterrupted):
+            run(tiny_config, "cut", tmp_path / "runs", overrides)
+    resumed, _ = resume_run(tmp_path / "runs" / "cut", reporter=QUIET)
+    assert resumed["steps"] == straight["steps"]
+    # cuDNN and cuBLAS kernels may differ in the last bits between launches
+    for key, value in straight["final"].items():
+        assert resumed["final"][key] == pytest.approx(value, abs=0.02), key
