@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -57,10 +58,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling error"
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:  # a pickled class or function: loading it could run arbitrary code
+            raise CheckpointError(
+                f"{path}: refused: it holds a pickled object ({found.group(1)}), and xdt loads "
+                "only tensors and plain values (weights_only)"
+            ) from None
         raise CheckpointError(
-            f"{path}: refused: the file holds objects that are not plain tensors and values "
-            f"({first[:160]})"
+            f"{path}: unreadable checkpoint (not a torch file, or damaged)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__

@@ -35,7 +35,11 @@ SUBCOMMANDS = ("train-source",)
 
 
 class Strict(BaseModel):
-    """Base of every config section: unknown keys are errors."""
+    """Base of every config section: unknown keys are errors.
+
+    Integer fields are strict (YAML already yields ints, so `true` or `"10"` is a mistake);
+    float fields stay lax so that `1e-3`, which PyYAML reads as a string, is a float.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -46,7 +50,9 @@ class DomainConfig(Strict):
 
 
 class DataConfig(Strict):
-    split_seed: int = Field(0, description="seed of the stratified 70/15/15 train/val/test split")
+    split_seed: int = Field(
+        0, strict=True, description="seed of the stratified 70/15/15 train/val/test split"
+    )
     source: DomainConfig | None = Field(None, description="the labelled domain trained on")
     target: DomainConfig | None = Field(
         None, description="another domain; train-source only evaluates on it"
@@ -67,19 +73,19 @@ class _OptimBase(Strict):
 
 
 class SGDConfig(_OptimBase):
-    name: Literal["sgd"]
+    name: Literal["sgd"] = "sgd"
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
 
 
 class AdamConfig(_OptimBase):
-    name: Literal["adam"]
+    name: Literal["adam"] = "adam"
     betas: tuple[float, float] = (0.9, 0.999)
 
 
 class AdamWConfig(_OptimBase):
-    name: Literal["adamw"]
+    name: Literal["adamw"] = "adamw"
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
 
@@ -105,28 +111,32 @@ OptimConfig = Annotated[
 
 # --------------------------------------------------------------------------- schedule
 class _ScheduleBase(Strict):
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to the base lr")
+    warmup_steps: int = Field(
+        0, ge=0, strict=True, description="linear warm-up from 0 to the base lr"
+    )
 
 
 class ConstantSchedule(_ScheduleBase):
-    name: Literal["constant"]
+    name: Literal["constant"] = "constant"
 
 
 class StepSchedule(_ScheduleBase):
-    name: Literal["step"]
-    step_size: int = Field(gt=0, description="multiply the lr by gamma every step_size steps")
+    name: Literal["step"] = "step"
+    step_size: int = Field(
+        gt=0, strict=True, description="multiply the lr by gamma every step_size steps"
+    )
     gamma: float = Field(0.1, gt=0)
 
 
 class CosineSchedule(_ScheduleBase):
-    name: Literal["cosine"]
+    name: Literal["cosine"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / base lr")
 
 
 class OneCycleSchedule(Strict):
     """Smith & Topin 2019, as torch's OneCycleLR (cosine annealing; no momentum cycling)."""
 
-    name: Literal["onecycle"]
+    name: Literal["onecycle"] = "onecycle"
     pct_start: float = Field(0.3, gt=0, lt=1)
     div_factor: float = Field(25.0, gt=0)
     final_div_factor: float = Field(1e4, gt=0)
@@ -143,17 +153,19 @@ ScheduleConfig = Annotated[
 
 # --------------------------------------------------------------------------- train
 class TrainConfig(Strict):
-    steps: int = Field(1000, gt=0)
-    batch_size: int = Field(64, gt=0)
-    eval_every: int = Field(200, gt=0, description="evaluate and save last.pt every N steps")
-    eval_batch_size: int = Field(1024, gt=0)
-    log_every: int = Field(50, gt=0)
+    steps: int = Field(1000, gt=0, strict=True)
+    batch_size: int = Field(64, gt=0, strict=True)
+    eval_every: int = Field(
+        200, gt=0, strict=True, description="evaluate and save last.pt every N steps"
+    )
+    eval_batch_size: int = Field(1024, gt=0, strict=True)
+    log_every: int = Field(50, gt=0, strict=True)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU"
     )
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
     early_stopping: int | None = Field(
-        None, gt=0, description="stop after N evaluations without improvement"
+        None, gt=0, strict=True, description="stop after N evaluations without improvement"
     )
     deterministic: bool = Field(True, description="deterministic kernels (bit-identical on CPU)")
 
@@ -175,7 +187,7 @@ class MethodSection(BaseModel):
 
 class ExperimentConfig(Strict):
     name: str | None = Field(None, description="experiment name; default: the file's stem")
-    seed: int = 0
+    seed: int = Field(0, strict=True)
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -224,6 +236,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    duplicate = _duplicate_key(text)
+    if duplicate:
+        raise ConfigError(f"{path}: {duplicate}")
     if data is None:
         raise ConfigError(f"{path}: the config file is empty")
     if not isinstance(data, dict):
@@ -231,6 +246,28 @@ def read_yaml(path: Path) -> dict[str, Any]:
             f"{path}: a config must be a YAML mapping of sections, not a {type(data).__name__}"
         )
     return data
+
+
+def _duplicate_key(text: str) -> str | None:
+    """PyYAML keeps the last of two equal keys; a config that repeats one is a mistake.
+
+    `yaml.compose` with the SafeLoader only builds the node tree (nothing is constructed).
+    """
+    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        line = key.start_mark.line + 1
+                        return f"key '{key.value}' appears twice in one mapping (line {line})"
+                    seen.add(key.value)
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return None
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -446,6 +483,8 @@ def _error_lines(exc: ValidationError, root: type[BaseModel]) -> list[str]:
                 f"unknown name '{tag}'{_did_you_mean(tag, expected)}; "
                 f"expected one of {', '.join(expected)}"
             )
+        elif err["type"] in ("model_type", "dict_type", "model_attributes_type"):
+            msg = f"expected a mapping of keys, got {err.get('input')!r}"
         elif err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
             if not path:

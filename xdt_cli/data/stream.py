@@ -57,7 +57,8 @@ class InMemoryStream:
 
     def _permutation(self, epoch: int) -> Tensor:
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            # torch seeds are 64-bit; wrapping keeps any config seed valid
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
             self._perm = torch.randperm(len(self.x), generator=gen).to(self.device)
             self._epoch = epoch
         return self._perm
