@@ -24,7 +24,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,7 +73,6 @@ class Experiment:
     streams: list[InMemoryStream]
     eval_sets: dict[str, dict[str, Split]]
     selection: Selection
-    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- optimisation
