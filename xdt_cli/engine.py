@@ -263,9 +263,11 @@ class Engine:
 
     def _accumulate(self, out: dict[str, Tensor]) -> None:
         for key, value in out.items():
-            value = value.detach().float()
             total = self.log_sums.get(key)
-            self.log_sums[key] = value if total is None else total + value
+            if total is None:  # a fresh float32 sum: later steps add into it in place
+                self.log_sums[key] = value.detach().to(torch.float32, copy=True)
+            else:
+                total.add_(value.detach())
         self.log_count += 1
 
     def _check_finite(self) -> None:
