@@ -35,10 +35,11 @@ def default_runs_dir() -> Path:
     return Path(os.environ.get("XDT_RUNS_DIR") or "runs")
 
 
-def check_run_name(name: str) -> str:
+def check_run_name(name: str, what: str = "--name") -> str:
+    """A run name is one folder name inside the runs folder: it can never escape it."""
     if not name or "/" in name or "\\" in name or ".." in name or name.startswith("."):
         raise XdtError(
-            f"--name '{name}': a run name is one folder name, without '/', '..' or a leading '.'"
+            f"{what} '{name}': a run name is one folder name, without '/', '..' or a leading '.'"
         )
     return name
 
@@ -63,6 +64,7 @@ def _create_run_dir(
         if path.exists() and overwrite:
             if not (path / "config.yaml").exists() and any(path.iterdir()):
                 raise XdtError(f"--overwrite: {path} is not an xdt run folder; not deleting it")
+            RunDir(path).lock()  # refuses a run that another process is training
             shutil.rmtree(path)
         runs_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -76,7 +78,7 @@ def _create_run_dir(
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     parent = runs_dir / subcommand
     parent.mkdir(parents=True, exist_ok=True)
-    base = f"{check_run_name(config_name)}-{stamp}"
+    base = f"{check_run_name(config_name, 'name (in the config)')}-{stamp}"
     for attempt in range(1000):  # two runs started in the same second get -1, -2, ...
         path = parent / (base if attempt == 0 else f"{base}-{attempt}")
         try:
