@@ -40,7 +40,7 @@ def test_readme_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
 
 
 def test_every_shipped_config_validates() -> None:
-    configs = sorted((ROOT / "configs").rglob("*.yaml"))
+    configs = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts)
     assert configs
     for path in configs:
         load_config(path)

@@ -311,5 +311,195 @@ def methods(
     _guard(debug, body)
 
 
+@app.command("evaluate")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="The run folder.", show_default=False)],
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="best or last: which checkpoints/*.pt to score.")
+    ] = "best",
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--data",
+            help="DATASET or DATASET:DOMAIN to score (repeatable); default: the run's domains.",
+            show_default=False,
+            metavar="DATASET[:DOMAIN]",
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="train, val, test or all.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    features: Annotated[
+        Path | None,
+        typer.Option(
+            "--features",
+            help="Also save penultimate features, labels and logits to this .npz file.",
+            show_default=False,
+            metavar="OUT.npz",
+        ),
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option("--device", help="auto, cpu, cuda or cuda:N; the run's own reproduces it."),
+    ] = "cpu",
+    debug: DebugOpt = False,
+) -> None:
+    """Score a trained run's checkpoint on its own domains or any compatible data set.
+
+    Metrics are <domain>/<split>/<acc|loss>; best and last reproduce summary's best and final.
+
+    Example: xdt evaluate runs/first --data digits --split all --json
+    """
+
+    def body() -> int:
+        from xdt_cli.evaluate import evaluate_run, print_result
+
+        result = evaluate_run(run_dir, checkpoint, data, split, device, features)
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_result(result)
+        return 0
+
+    _guard(debug, body)
+
+
+@app.command("report")
+def report(
+    runs_dirs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Folders searched for runs, recursively (default: $XDT_RUNS_DIR, else ./runs).",
+            show_default=False,
+            metavar="RUNS_DIR",
+        ),
+    ] = None,
+    group_by: Annotated[
+        str | None,
+        typer.Option(
+            "--group-by",
+            help="Comma-separated config keys to group by (default: all but seed, name, device).",
+            show_default=False,
+        ),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            help="Metric name or glob to report (repeatable; default: every */test/acc).",
+            show_default=False,
+        ),
+    ] = None,
+    selection: Annotated[
+        str,
+        typer.Option("--selection", help="summary (each run's own choice), source_val or last."),
+    ] = "summary",
+    fmt: Annotated[
+        str, typer.Option("--format", help="table, markdown, csv, latex or json.")
+    ] = "table",
+    debug: DebugOpt = False,
+) -> None:
+    """Mean ± std over seeds of finished runs, one row per configuration.
+
+    Failed, interrupted and unfinished runs are listed on stderr, never averaged in.
+
+    Example: xdt report runs/lr-sweep --group-by optim.lr --selection source_val --format markdown
+    """
+
+    def body() -> int:
+        import shutil
+
+        from xdt_cli.report import report as make_report
+
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+        text, left_out = make_report(
+            runs_dirs, group_by=group_by, metrics=metric, selection=selection, fmt=fmt, width=width
+        )
+        print(text, end="")
+        for line in left_out:
+            _err(f"not reported: {line}")
+        return 0
+
+    _guard(debug, body)
+
+
+@app.command("plot")
+def plot(
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run folders, or folders of runs.", show_default=False, metavar="RUN_DIR"
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Image to write (.png, .pdf, .svg).", show_default=False),
+    ],
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            help="Metric name or glob (repeatable; default: train/loss and the source val acc).",
+            show_default=False,
+        ),
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Plot learning curves of one or several runs, one subplot per metric.
+
+    Example: xdt plot runs/lr-0.001 runs/lr-0.01 --metric train/loss --out curves.png
+    """
+
+    def body() -> int:
+        from xdt_cli.plotting import plot_runs
+
+        print(plot_runs(run_dirs, out, metrics=metric))
+        return 0
+
+    _guard(debug, body)
+
+
+@app.command("sweep")
+def sweep(
+    sweep_file: Annotated[
+        Path, typer.Argument(help="YAML sweep file.", show_default=False, metavar="SWEEP")
+    ],
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=1, help="Runs at once (they share the cores).")
+    ] = 1,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print each run's xdt command; run nothing.")
+    ] = False,
+    runs_dir: RunsDirOpt = None,
+    quiet: QuietOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print sweep.json on stdout.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a config over a grid, random draws and seeds: one xdt process per run.
+
+    Runs go to <runs-dir>/<sweep name>/<values>-<hash>, logs to its logs/ folder, and a
+    summary of all runs to its sweep.json. Calling it again skips completed runs, resumes
+    interrupted ones and reports failed ones. Exit 1 if a run failed.
+
+    Example: xdt sweep configs/sweeps/quickstart_seeds.yaml --jobs 2
+    """
+
+    def body() -> int:
+        from xdt_cli import sweeps
+
+        planned = sweeps.plan(sweeps.load_sweep(sweep_file), runs_dir)
+        if dry_run:
+            print("\n".join(sweeps.dry_run_lines(planned)))
+            return 0
+        reporter = sweeps.SweepReporter(quiet=quiet)
+        result = sweeps.run_sweep(planned, jobs=jobs, reporter=reporter)
+        print(json.dumps(result, indent=2) if as_json else result["runs_dir"])
+        code, lines = sweeps.outcome(result)
+        for line in lines:
+            _err(line)
+        return code
+
+    _guard(debug, body)
+
+
 def main() -> None:
     app()

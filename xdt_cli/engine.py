@@ -46,7 +46,8 @@ from xdt_cli.evaluation import evaluate
 from xdt_cli.methods.base import Method
 from xdt_cli.progress import Reporter
 from xdt_cli.runs import RunDir
-from xdt_cli.runtime import Runtime, resolve_precision
+from xdt_cli.runtime import Runtime, autocast_for, resolve_precision
+from xdt_cli.selection import is_better
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,7 @@ class Selection:
     mode: str  # "max" or "min"
 
     def better(self, value: float, best: float | None) -> bool:
-        if self.metric is None or best is None:
-            return True
-        return value > best if self.mode == "max" else value < best
+        return self.metric is None or is_better(value, best, self.mode)
 
     def as_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "metric": self.metric, "mode": self.mode}
@@ -145,10 +144,7 @@ class Engine:
         self.do_evaluate = evaluate
 
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.autocast: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            self.autocast = torch.autocast(device_type=self.device.type, dtype=dtype)
+        self.autocast = autocast_for(self.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.params = [p for p in self.method.parameters() if p.requires_grad]

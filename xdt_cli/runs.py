@@ -122,9 +122,13 @@ def make_meta(subcommand: str, device: str, precision: str, argv: list[str]) -> 
 
 
 def _clean(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null."""
+    """JSON has no NaN or infinity: write them as null (also inside dicts and lists)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
     return value
 
 
@@ -173,7 +177,7 @@ class RunDir:
             self._lock_fh = None
 
     def write_json(self, path: Path, data: dict[str, Any]) -> None:
-        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
 
     def read_json(self, path: Path) -> dict[str, Any]:
         try:
@@ -188,7 +192,7 @@ class RunDir:
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            fh.write(json.dumps(_clean(row), allow_nan=False) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():

@@ -1,0 +1,142 @@
+"""Model-selection rules, recomputed after the fact from a run's evaluation rows.
+
+A rule answers "which evaluation of this run counts as its result?". Every eval row of
+metrics.jsonl holds the val and test metrics of every domain at that step (DESIGN.md,
+"Evaluation rows"), so a rule needs only the run's resolved config and those rows:
+
+    RULES[name](config, eval_rows, summary=None) -> the chosen eval row, or None (no rows)
+
+`config` is config.yaml as a plain mapping, `eval_rows` the `"split": "eval"` rows in file
+order, and `summary` the run's summary.json (only the `summary` rule reads it).
+
+- `source_val`: the row with the best `<source>/val/acc`, the source being
+  `data.source.dataset` (the embedded sets have one domain each). Ties go to the earliest
+  row: a later row wins only when strictly better, exactly as the engine keeps best.pt.
+  When the run itself was trained with `selection.rule: source_val`, its own
+  `selection.metric` and `selection.mode` are honoured (with the engine's defaults: the
+  source's val acc; `min` for a `*/loss` metric, else `max`), so the rule reproduces the
+  run's best.pt. For a run trained under another rule they are not used: the rule then
+  means the default source val acc, maximised.
+- `last`: the last eval row.
+- `summary`: whatever the run chose itself: `summary["best"]` at `summary["best_step"]`.
+
+Later paradigms add their rules here: `target_val` (fine-tuning and transfer with target
+labels), `training_domain_val` (domain generalisation: the mean val accuracy of the training
+domains) and `oracle` (the held-out domains' val split).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from xdt_cli.errors import XdtError
+
+Row = dict[str, Any]
+Rule = Callable[..., Row | None]
+
+RULES: dict[str, Rule] = {}
+
+
+def register(name: str) -> Callable[[Rule], Rule]:
+    def add(fn: Rule) -> Rule:
+        if name in RULES:
+            raise ValueError(f"selection rule '{name}' is registered twice")
+        RULES[name] = fn
+        return fn
+
+    return add
+
+
+def get_rule(name: str, key: str = "--selection") -> Rule:
+    """The rule called `name`; an unknown name is an XdtError with a did-you-mean."""
+    rule = RULES.get(name)
+    if rule is None:
+        close = difflib.get_close_matches(name, list(RULES), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise XdtError(
+            f"{key}: unknown selection rule '{name}'{hint}; known: {', '.join(sorted(RULES))}"
+        )
+    return rule
+
+
+def select(
+    name: str,
+    config: Mapping[str, Any],
+    eval_rows: Sequence[Row],
+    summary: Mapping[str, Any] | None = None,
+) -> Row | None:
+    """Apply the rule called `name` to one run."""
+    return get_rule(name)(config, eval_rows, summary=summary)
+
+
+def source_domain(config: Mapping[str, Any]) -> str:
+    """The source domain's name: `data.source.dataset` (single-domain embedded sets)."""
+    source = (config.get("data") or {}).get("source") or {}
+    dataset = source.get("dataset")
+    if not dataset:
+        raise XdtError("selection 'source_val': the run's config has no data.source.dataset")
+    return str(dataset)
+
+
+def source_val_criterion(config: Mapping[str, Any]) -> tuple[str, str]:
+    """(metric, mode) that `source_val` uses for this run; see the module docstring."""
+    metric, mode = f"{source_domain(config)}/val/acc", None
+    own = config.get("selection") or {}
+    if own.get("rule", "source_val") == "source_val":
+        metric = own.get("metric") or metric
+        mode = own.get("mode")
+    return metric, mode or ("min" if metric.endswith("loss") else "max")
+
+
+def _value(row: Row, metric: str) -> float:
+    """metrics.jsonl writes NaN and infinities as null: read them back as NaN."""
+    value = row.get(metric)
+    return math.nan if value is None else float(value)
+
+
+def is_better(value: float, best: float | None, mode: str) -> bool:
+    """The one comparison behind best.pt and every recomputed choice.
+
+    The first value always wins; later ones only when strictly better. A NaN is never
+    better, and a NaN best is beaten by any number, so one bad evaluation cannot pin best.pt.
+    """
+    if best is None or (math.isnan(best) and not math.isnan(value)):
+        return True
+    return value > best if mode == "max" else value < best
+
+
+@register("source_val")
+def source_val(
+    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
+) -> Row | None:
+    metric, mode = source_val_criterion(config)
+    if eval_rows and not any(metric in row for row in eval_rows):
+        raise XdtError(f"selection 'source_val': no eval row holds '{metric}'")
+    best_row, best = None, None
+    for row in eval_rows:
+        value = _value(row, metric)
+        if is_better(value, best, mode):
+            best_row, best = row, value
+    return best_row
+
+
+@register("last")
+def last(
+    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
+) -> Row | None:
+    return eval_rows[-1] if eval_rows else None
+
+
+@register("summary")
+def from_summary(
+    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
+) -> Row | None:
+    if summary is None:
+        raise XdtError("selection 'summary': the run has no summary.json")
+    best = summary.get("best") or {}
+    if not best:
+        return None
+    return {"step": summary.get("best_step"), "split": "eval", **best}
