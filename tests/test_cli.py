@@ -39,10 +39,22 @@ def cli():
 def test_help_and_version(cli) -> None:
     result = cli("--help")
     assert result.exit_code == 0
-    for command in ("train-source", "resume", "validate", "datasets", "methods"):
+    commands = (
+        "train-source",
+        "resume",
+        "validate",
+        "datasets",
+        "methods",
+        "sweep",
+        "report",
+        "plot",
+        "evaluate",
+        "benchmark",
+    )
+    for command in commands:
         assert command in result.stdout
     assert cli("--version").stdout.strip() == f"xdt {__version__}"
-    for command in ("train-source", "resume", "validate", "datasets", "methods"):
+    for command in commands:
         help_text = cli(command, "--help").stdout
         assert "Example: xdt " + command in " ".join(help_text.split()), command
 

@@ -501,5 +501,45 @@ def sweep(
     _guard(debug, body)
 
 
+@app.command("benchmark")
+def benchmark(
+    suite: Annotated[
+        str,
+        typer.Argument(
+            help="A suite name (benchmarks/suites/NAME.yaml) or a suite file.",
+            show_default=False,
+            metavar="SUITE",
+        ),
+    ],
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=1, help="Runs at once (they share the cores).")
+    ] = 1,
+    runs_dir: RunsDirOpt = None,
+    doc: Annotated[
+        Path, typer.Option("--doc", help="The markdown file that receives the tables.")
+    ] = Path("docs/BENCHMARKS.md"),
+    quiet: QuietOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a summary on stdout.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a shipped benchmark suite (a list of sweeps) and write its tables into the docs.
+
+    The tables (mean ± std over seeds), the command, the core count and the wall time go
+    between the suite's markers in docs/BENCHMARKS.md. Run again, it reuses finished runs.
+
+    Example: xdt benchmark quickstart --jobs 2
+    """
+
+    def body() -> int:
+        from xdt_cli.benchmark import find_suite, load_suite, run_benchmark
+
+        loaded = load_suite(find_suite(suite))
+        result = run_benchmark(loaded, jobs=jobs, runs_dir=runs_dir, doc=doc, quiet=quiet)
+        print(json.dumps(result, indent=2) if as_json else result["doc"])
+        return 0
+
+    _guard(debug, body)
+
+
 def main() -> None:
     app()

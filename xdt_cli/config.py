@@ -355,7 +355,7 @@ def validate_config(
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        lines = _error_lines(exc, ExperimentConfig)
+        lines = error_lines(exc, ExperimentConfig)
         raise ConfigError(*(f"{source}: {line}" for line in lines)) from None
     if cfg.name is None and stem:
         cfg.name = stem
@@ -380,7 +380,7 @@ def validate_config(
         method_cfg = method_cls.Config.model_validate(params)
     except ValidationError as exc:
         raise ConfigError(
-            *(f"{source}: method.{line}" for line in _error_lines(exc, method_cls.Config))
+            *(f"{source}: method.{line}" for line in error_lines(exc, method_cls.Config))
         ) from None
     cfg.method = MethodSection(name=method_name, **method_cfg.model_dump())
     cfg._method_config = method_cfg
@@ -459,7 +459,7 @@ def _tag_of(model: type[BaseModel]) -> str | None:
     return None
 
 
-def _error_lines(exc: ValidationError, root: type[BaseModel]) -> list[str]:
+def error_lines(exc: ValidationError, root: type[BaseModel]) -> list[str]:
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])

@@ -62,7 +62,9 @@ def _create_run_dir(
     if name is not None:
         path = runs_dir / check_run_name(name)
         if path.exists() and overwrite:
-            if not (path / "config.yaml").exists() and any(path.iterdir()):
+            if not (path / "config.yaml").exists() and any(
+                p.name != ".lock" for p in path.iterdir()
+            ):
                 raise XdtError(f"--overwrite: {path} is not an xdt run folder; not deleting it")
             RunDir(path).lock()  # refuses a run that another process is training
             shutil.rmtree(path)

@@ -62,8 +62,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from xdt_cli.checkpoint import atomic_write_text
 from xdt_cli.config import (
     SUBCOMMANDS,
-    _error_lines,
     dump_config,
+    error_lines,
     load_config,
     parse_override,
     read_yaml,
@@ -171,7 +171,7 @@ def load_sweep(path: str | Path) -> Sweep:
     try:
         spec = SweepFile.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(*(f"{path}: {line}" for line in _error_lines(exc, SweepFile))) from None
+        raise ConfigError(*(f"{path}: {line}" for line in error_lines(exc, SweepFile))) from None
 
     problems: list[str] = []
     name = spec.name if spec.name is not None else path.stem

@@ -1,0 +1,179 @@
+"""`xdt benchmark SUITE`: run a shipped suite of sweeps and write its tables into the docs.
+
+A suite is `benchmarks/suites/<name>.yaml` (or any path):
+```yaml
+description: The quick start (LeNet on mnist5k) at seeds 0, 1, 2.
+sweeps: [../../configs/sweeps/quickstart_seeds.yaml]   # relative to this file
+metrics: [mnist5k/test/acc, digits/test/acc]           # default: every */test/acc
+selection: summary                                     # a rule of xdt_cli.selection
+```
+Each sweep runs through `xdt_cli.sweeps` (so a suite run again skips what is done and
+resumes what was cut), then `xdt_cli.report` turns its runs into a markdown table of mean ±
+std over seeds. The tables, the command, the machine's core count and the wall times go into
+docs/BENCHMARKS.md between `<!-- suite:<name>:start -->` and `<!-- suite:<name>:end -->`
+(appended when the markers are not there yet); the rest of the file is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from xdt_cli.checkpoint import atomic_write_text
+from xdt_cli.config import error_lines, read_yaml
+from xdt_cli.errors import ConfigError, XdtError
+
+SUITES_DIR = Path("benchmarks") / "suites"
+DEFAULT_DOC = Path("docs") / "BENCHMARKS.md"
+
+
+class SuiteFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = ""
+    sweeps: list[str] = Field(min_length=1, description="sweep files, relative to the suite")
+    metrics: list[str] | None = Field(None, description="default: every */test/acc metric")
+    selection: str = Field("summary", description="the rule that picks each run's step")
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    path: Path
+    description: str
+    sweeps: tuple[Path, ...]
+    metrics: tuple[str, ...] | None
+    selection: str
+
+
+def find_suite(name_or_path: str) -> Path:
+    """A suite file path as given, else `benchmarks/suites/<name>.yaml` here."""
+    given = Path(name_or_path)
+    if given.suffix in (".yaml", ".yml") or given.is_file():
+        if not given.is_file():
+            raise XdtError(f"SUITE: {given} not found")
+        return given
+    path = SUITES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml")) if SUITES_DIR.is_dir() else []
+        raise XdtError(
+            f"SUITE: no suite '{name_or_path}' in {SUITES_DIR}/"
+            + (f" (known: {', '.join(known)})" if known else " (run xdt from the repository root)")
+        )
+    return path
+
+
+def load_suite(path: Path) -> Suite:
+    try:
+        spec = SuiteFile.model_validate(read_yaml(path))
+    except ValidationError as exc:
+        raise ConfigError(*(f"{path}: {line}" for line in error_lines(exc, SuiteFile))) from None
+    sweeps = tuple((path.parent / s) for s in spec.sweeps)
+    missing = [str(s) for s in sweeps if not s.is_file()]
+    if missing:
+        raise ConfigError(f"{path}: sweeps: not found: {', '.join(missing)}")
+    from xdt_cli.selection import get_rule
+
+    get_rule(spec.selection)  # an unknown rule fails here, before anything runs
+    return Suite(
+        name=path.stem,
+        path=path,
+        description=spec.description,
+        sweeps=sweeps,
+        metrics=tuple(spec.metrics) if spec.metrics else None,
+        selection=spec.selection,
+    )
+
+
+def run_benchmark(
+    suite: Suite,
+    *,
+    jobs: int = 1,
+    runs_dir: Path | None = None,
+    doc: Path = DEFAULT_DOC,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run every sweep of the suite, then write its section of `doc`. Returns a summary."""
+    from xdt_cli.report import collect_runs, render, summarize
+    from xdt_cli.sweeps import SweepReporter, load_sweep, plan, run_sweep
+
+    sweeps = [load_sweep(path) for path in suite.sweeps]
+    plans = [plan(sweep, runs_dir) for sweep in sweeps]  # validates every run up front
+    started = time.perf_counter()
+    results = []
+    for p in plans:
+        result = run_sweep(p, jobs=jobs, reporter=SweepReporter(quiet=quiet))
+        results.append(result)
+        if result["status"] != "completed":
+            raise _SuiteIncomplete(p.sweep.name, result["status"])
+    elapsed = time.perf_counter() - started
+
+    tables = []
+    train_time = 0.0
+    for p in plans:
+        records = [r for r in collect_runs([p.sweep_dir]) if r.path.parent == p.sweep_dir]
+        groups = summarize(records, metrics=suite.metrics, selection=suite.selection)
+        tables.append((p.sweep.name, render(groups, "markdown", selection=suite.selection)))
+        train_time += sum(float((r.summary or {}).get("wall_time_s", 0.0)) for r in records)
+    section = _section(suite, jobs, tables, elapsed, train_time)
+    write_section(doc, suite.name, section)
+    return {
+        "suite": suite.name,
+        "doc": str(doc),
+        "wall_time_s": round(elapsed, 1),
+        "runs_train_time_s": round(train_time, 1),
+        "sweeps": results,
+    }
+
+
+class _SuiteIncomplete(XdtError):
+    def __init__(self, sweep: str, status: str) -> None:
+        super().__init__(
+            f"sweep '{sweep}' ended {status}; the docs were not changed "
+            "(run xdt benchmark again to continue it)"
+        )
+
+
+def _section(
+    suite: Suite, jobs: int, tables: list[tuple[str, str]], elapsed: float, train_time: float
+) -> str:
+    import torch
+
+    lines = [f"## Suite `{suite.name}`", ""]
+    if suite.description:
+        lines += [suite.description.strip(), ""]
+    lines += [
+        "```",
+        f"xdt benchmark {suite.name} --jobs {jobs}",
+        "```",
+        "",
+        f"Machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, Python {platform.python_version()}; "
+        f"written {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"Wall time of this call: {elapsed:.1f} s; the runs' own training time adds up to "
+        f"{train_time:.1f} s (runs completed by an earlier call are reused, not rerun).",
+        "",
+    ]
+    for name, table in tables:
+        lines += [f"### Sweep `{name}`", "", table.rstrip(), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_section(doc: Path, name: str, section: str) -> None:
+    """Replace the text between the suite's markers in `doc` (append the block if absent)."""
+    start, end = f"<!-- suite:{name}:start -->", f"<!-- suite:{name}:end -->"
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    block = f"{start}\n{section}{end}"
+    if start in text and end in text.split(start, 1)[1]:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
+        text = before + block + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(doc, text)
