@@ -29,6 +29,21 @@ def _isolated_runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def cli():
+    """Invoke the `xdt` app in-process through Typer's test runner: `cli("train-source", ...)`."""
+    from typer.testing import CliRunner
+
+    from xdt_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+@pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     """A 40-step LeNet run on `digits` (a couple of seconds on a laptop CPU)."""
     return write_config(tmp_path / "tiny.yaml", TINY)

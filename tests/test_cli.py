@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 from tests.conftest import TINY, write_config
 from xdt_cli import __version__
-from xdt_cli.cli import app
 from xdt_cli.engine import Engine
 
 RUN_FILES = [
@@ -24,16 +22,6 @@ RUN_FILES = [
     "checkpoints/best.pt",
     "summary.json",
 ]
-
-
-@pytest.fixture
-def cli():
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(app, [str(a) for a in args])
-
-    return invoke
 
 
 def test_help_and_version(cli) -> None:

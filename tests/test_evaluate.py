@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 from tests.conftest import TINY, write_config
 from xdt_cli.api import start_run
 from xdt_cli.checkpoint import load_checkpoint
-from xdt_cli.cli import app
 from xdt_cli.config import deep_merge
 from xdt_cli.data import DATASETS, DatasetSpec, load_domain
 from xdt_cli.evaluate import evaluate_run
@@ -46,16 +44,6 @@ def pair(tmp_path_factory) -> tuple[Path, dict]:
         "selection": {"mode": "min"},
     }
     return _train(tmp_path_factory.mktemp("pair"), "pair", extra)
-
-
-@pytest.fixture
-def cli():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(app, [str(a) for a in args])
-
-    return invoke
 
 
 def evaluate_json(cli, *args) -> dict:

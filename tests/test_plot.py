@@ -7,25 +7,13 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from tests.conftest import TINY, write_config
 from tests.test_report import eval_row, hand_config, write_run
 from xdt_cli.api import start_run
-from xdt_cli.cli import app
 from xdt_cli.plotting import plot_metrics, run_labels
 from xdt_cli.progress import Reporter
 from xdt_cli.report import collect_runs
-
-
-@pytest.fixture
-def cli():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(app, [str(a) for a in args])
-
-    return invoke
 
 
 @pytest.fixture(scope="module")

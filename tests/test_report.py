@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from tests.conftest import TINY, write_config
 from xdt_cli.api import start_run
-from xdt_cli.cli import app
 from xdt_cli.errors import XdtError
 from xdt_cli.progress import Reporter
 from xdt_cli.report import collect_runs, render, summarize
@@ -104,16 +102,6 @@ def write_run(
             summary["error"] = "the training loss became non-finite"
         (path / "summary.json").write_text(json.dumps(summary))
     return path
-
-
-@pytest.fixture
-def cli():
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(app, [str(a) for a in args])
-
-    return invoke
 
 
 @pytest.fixture

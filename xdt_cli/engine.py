@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from xdt_cli.evaluation import evaluate
 from xdt_cli.methods.base import Method
 from xdt_cli.progress import Reporter
 from xdt_cli.runs import RunDir
-from xdt_cli.runtime import Runtime, autocast_for, resolve_precision
+from xdt_cli.runtime import Runtime, autocast_for, resolve_precision, stop_signals
 from xdt_cli.selection import is_better
 
 
@@ -352,13 +351,5 @@ class Engine:
             self._signal = signum
             self.reporter.message("stopping after this step; saving last.pt ...")
 
-        try:
-            previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: leave the handlers alone
+        with stop_signals(handler):
             yield
-            return
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,6 +65,24 @@ def resolve_device(spec: str) -> torch.device:
             "CUDA device(s)"
         )
     return torch.device("cuda", index)
+
+
+@contextlib.contextmanager
+def stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to `handler` inside the block, then restore the old handlers.
+
+    Off the main thread Python cannot install handlers; the block then runs without them.
+    """
+    try:
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

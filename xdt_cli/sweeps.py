@@ -44,7 +44,6 @@ import math
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -71,6 +70,7 @@ from xdt_cli.config import (
 from xdt_cli.errors import ConfigError
 from xdt_cli.progress import stderr_console
 from xdt_cli.runs import default_runs_dir
+from xdt_cli.runtime import stop_signals
 
 HASH_LENGTH = 8
 SLUG_MAX = 60
@@ -554,16 +554,8 @@ def _catch_signals(stop: _Stop) -> Iterator[None]:
         else:
             stop.force = True
 
-    try:
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
+    with stop_signals(handler):
         yield
-        return
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _entry(run: PlannedRun) -> dict[str, Any]:
