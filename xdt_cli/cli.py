@@ -69,6 +69,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -141,7 +142,7 @@ OverridesArg = Annotated[
 ]
 NameOpt = Annotated[
     str | None,
-    typer.Option("--name", help="Run folder name: <runs-dir>/NAME.", show_default=False),
+    typer.Option("--name", help="Run folder name: `<runs-dir>/NAME`.", show_default=False),
 ]
 RunsDirOpt = Annotated[
     Path | None,
@@ -206,7 +207,9 @@ def train_source(
 
 @app.command("resume")
 def resume(
-    run_dir: Annotated[Path, typer.Argument(help="The run folder.", show_default=False)],
+    run_dir: Annotated[
+        Path, typer.Argument(help="The run folder.", show_default=False, metavar="RUN_DIR")
+    ],
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -313,7 +316,9 @@ def methods(
 
 @app.command("evaluate")
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="The run folder.", show_default=False)],
+    run_dir: Annotated[
+        Path, typer.Argument(help="The run folder.", show_default=False, metavar="RUN_DIR")
+    ],
     checkpoint: Annotated[
         str, typer.Option("--checkpoint", help="best or last: which checkpoints/*.pt to score.")
     ] = "best",
@@ -345,7 +350,7 @@ def evaluate(
 ) -> None:
     """Score a trained run's checkpoint on its own domains or any compatible data set.
 
-    Metrics are <domain>/<split>/<acc|loss>; best and last reproduce summary's best and final.
+    Metrics are `<domain>/<split>/<acc|loss>`; best and last reproduce summary's best and final.
 
     Example: xdt evaluate runs/first --data digits --split all --json
     """
@@ -476,7 +481,7 @@ def sweep(
 ) -> None:
     """Run a config over a grid, random draws and seeds: one xdt process per run.
 
-    Runs go to <runs-dir>/<sweep name>/<values>-<hash>, logs to its logs/ folder, and a
+    Runs go to `<runs-dir>/<sweep name>/<values>-<hash>`, logs to its logs/ folder, and a
     summary of all runs to its sweep.json. Calling it again skips completed runs, resumes
     interrupted ones and reports failed ones. Exit 1 if a run failed.
 
