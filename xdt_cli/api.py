@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from xdt_cli.checkpoint import atomic_write_text
 from xdt_cli.config import dump_config, load_config
 from xdt_cli.engine import Engine
 from xdt_cli.errors import CheckpointError
+from xdt_cli.files import atomic_write_text
 from xdt_cli.progress import Reporter
 from xdt_cli.regimes import build_experiment
 from xdt_cli.runs import RunDir, create_run_dir, default_runs_dir, make_meta

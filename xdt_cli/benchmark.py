@@ -26,9 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from xdt_cli.checkpoint import atomic_write_text
 from xdt_cli.config import error_lines, read_yaml
 from xdt_cli.errors import ConfigError, XdtError
+from xdt_cli.files import atomic_write_text
 
 SUITES_DIR = Path("benchmarks") / "suites"
 DEFAULT_DOC = Path("docs") / "BENCHMARKS.md"

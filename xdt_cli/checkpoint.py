@@ -8,10 +8,8 @@ with a pickled object (arbitrary code on load) is refused with a CheckpointError
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,29 +17,11 @@ from typing import Any
 import torch
 
 from xdt_cli.errors import CheckpointError
+from xdt_cli.files import atomic_write_bytes
 
 FORMAT = 1
 # Name components that torch.compile and DistributedDataParallel add to state-dict keys.
 WRAPPER_COMPONENTS = frozenset({"_orig_mod", "module"})
-
-
-def atomic_write_bytes(path: Path, writer) -> None:
-    """Call `writer(file)` on a temporary file next to `path`, then rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            writer(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

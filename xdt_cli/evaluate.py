@@ -11,7 +11,6 @@ penultimate-layer features (`model.features(x)`), labels and logits go to an .np
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdt_cli.checkpoint import atomic_write_bytes, load_checkpoint, unwrap_state_dict
+from xdt_cli.checkpoint import load_checkpoint, unwrap_state_dict
 from xdt_cli.config import ExperimentConfig, load_config
 from xdt_cli.data import Split, load_domain
 from xdt_cli.data.registry import SPLITS, DatasetSpec, get_spec
 from xdt_cli.errors import CheckpointError, ConfigError, XdtError
 from xdt_cli.evaluation import evaluate
+from xdt_cli.files import atomic_write_bytes
 from xdt_cli.methods import METHODS
 from xdt_cli.methods.base import Method
 from xdt_cli.models import create_model
 from xdt_cli.runs import RunDir
-from xdt_cli.runtime import autocast_for, resolve_device, resolve_precision
+from xdt_cli.runtime import autocast_for, resolve_device, resolve_precision, set_deterministic
 
 CHECKPOINTS = ("best", "last")
 SPLIT_CHOICES = (*SPLITS, "all")
@@ -77,7 +77,7 @@ def evaluate_run(
         for spec, domain in domains
     }
     precision = resolve_precision(cfg.train.precision, runtime_device)
-    with _deterministic(cfg.train.deterministic, runtime_device):
+    with _deterministic(cfg.train.deterministic):
         metrics = evaluate(
             method,
             eval_sets,
@@ -187,17 +187,14 @@ def _resolve_device(device: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def _deterministic(flag: bool, device: torch.device) -> Iterator[None]:
+def _deterministic(flag: bool) -> Iterator[None]:
     """The kernel choices the run trained with (seed_everything), restored afterwards."""
     before = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.backends.cudnn.benchmark,
     )
-    if flag and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(flag, warn_only=True)
-    torch.backends.cudnn.benchmark = not flag
+    set_deterministic(flag)
     try:
         yield
     finally:

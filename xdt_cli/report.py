@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from xdt_cli.errors import XdtError
+from xdt_cli.runs import read_metrics
 from xdt_cli.selection import get_rule, source_val_criterion
 
 FORMATS = ("table", "markdown", "csv", "latex", "json")
@@ -97,20 +98,6 @@ class RunRecord:
             return rule(self.config, rows, summary=self.summary)
         except XdtError as exc:
             raise XdtError(*(f"{self.path}: {line}" for line in exc.lines)) from None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a hard kill
-            break
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def is_run_dir(path: Path) -> bool:

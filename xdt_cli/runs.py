@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from xdt_cli import __version__
-from xdt_cli.checkpoint import atomic_write_text
 from xdt_cli.errors import CheckpointError, XdtError
+from xdt_cli.files import atomic_write_text
 
 
 def default_runs_dir() -> Path:
@@ -134,6 +134,21 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, up to a last line cut short by a hard kill."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 class RunDir:
     """Paths and files of one run folder."""
 
@@ -197,15 +212,7 @@ class RunDir:
             fh.write(json.dumps(_clean(row), allow_nan=False) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a hard kill
-                break
-        return rows
+        return read_metrics(self.metrics_path)
 
     def truncate_metrics(self, step: int) -> None:
         """Keep only the rows up to `step`: what a resumed run will write again is dropped."""

@@ -89,6 +89,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed every generator a run may touch and choose deterministic kernels."""
     random.seed(seed)
     torch.manual_seed(seed)  # seeds the CPU and all CUDA generators
+    set_deterministic(deterministic)
+
+
+def set_deterministic(deterministic: bool) -> None:
+    """Choose deterministic kernels (or the fastest ones, with cuDNN autotuning)."""
     if deterministic:
         # cuBLAS needs this before its first call to be deterministic (PyTorch docs,
         # "Reproducibility"); it has no effect on the CPU.

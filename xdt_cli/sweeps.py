@@ -58,7 +58,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from xdt_cli.checkpoint import atomic_write_text
 from xdt_cli.config import (
     SUBCOMMANDS,
     dump_config,
@@ -68,6 +67,7 @@ from xdt_cli.config import (
     read_yaml,
 )
 from xdt_cli.errors import ConfigError
+from xdt_cli.files import atomic_write_text
 from xdt_cli.progress import stderr_console
 from xdt_cli.runs import default_runs_dir
 from xdt_cli.runtime import stop_signals
