@@ -1,19 +1,36 @@
 #!/usr/bin/env bash
 # Run on a machine with a CUDA GPU: the CUDA tests, then the quick start and the engine
 # overhead benchmark on the GPU. Writes logs into $OUT (or ./gpu_check) and prints a summary.
+#
+# Where the machine's python3 already holds torch (a lent GPU machine with no network),
+# the missing pure-Python dependencies come from wheels in ./.whl (`pip download` them for
+# that python first); elsewhere a .venv is created with `pip install -e '.[dev]'`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check}"
 mkdir -p "$out"
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]'
+if python3 -c "import torch" 2>/dev/null; then
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD"
+  else
+    export PYTHONPATH="$PWD"
+  fi
+  py=python3
+else
+  if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]'
+  fi
+  py=.venv/bin/python
 fi
-. .venv/bin/activate
+export PYTHONUNBUFFERED=1
 nvidia-smi | tee "$out/nvidia-smi.txt"
-pytest -m cuda -v 2>&1 | tee "$out/cuda-tests.txt"
+"$py" -m pytest -m cuda -v -p no:cacheprovider 2>&1 | tee "$out/cuda-tests.txt"
 tests=${PIPESTATUS[0]}
-xdt train-source configs/quickstart.yaml --device cuda --json --quiet --runs-dir "$out/runs" \
-  > "$out/quickstart.json" 2> "$out/quickstart.err"
-python benchmarks/overhead.py --device cuda 2>&1 | tee "$out/overhead.txt"
+"$py" -m xdt_cli train-source configs/quickstart.yaml --device cuda --json --quiet \
+  --runs-dir "$out/runs" > "$out/quickstart.json" 2> "$out/quickstart.err"
+echo "quickstart on cuda exit code: $?"
+"$py" benchmarks/overhead.py --device cuda 2>&1 | tee "$out/overhead.txt"
 echo "cuda tests exit code: $tests"
 exit "$tests"
