@@ -170,6 +170,7 @@ def test_validate(cli, tiny_config: Path) -> None:
         "name": "adam",
         "lr": 0.0001,
         "weight_decay": 0.0,
+        "lr_mult": {},
         "betas": [0.9, 0.999],
     }
     assert resolved["schedule"]["name"] == "constant" and "base" not in resolved

@@ -31,7 +31,7 @@ from pydantic import (
 
 from xdt_cli.errors import ConfigError
 
-SUBCOMMANDS = ("train-source",)
+SUBCOMMANDS = ("train-source", "finetune", "transfer")
 
 
 class Strict(BaseModel):
@@ -47,29 +47,114 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------- data
 class DomainConfig(Strict):
     dataset: str = Field(description="a registered data set (see `xdt datasets`)")
+    labels_per_class: int | None = Field(
+        None,
+        gt=0,
+        strict=True,
+        description="keep k labelled training samples per class (seeded by data.split_seed)",
+    )
 
 
 class DataConfig(Strict):
     split_seed: int = Field(
         0, strict=True, description="seed of the stratified 70/15/15 train/val/test split"
     )
-    source: DomainConfig | None = Field(None, description="the labelled domain trained on")
+    source: DomainConfig | None = Field(
+        None, description="the labelled source domain (finetune: only evaluated, optional)"
+    )
     target: DomainConfig | None = Field(
-        None, description="another domain; train-source only evaluates on it"
+        None,
+        description="train-source: only evaluated; finetune: trained on with its labels; "
+        "transfer: trained on without labels",
     )
 
 
 # --------------------------------------------------------------------------- model
 class ModelConfig(Strict):
+    """The network and which of its parameters train (theta_upd) or stay fixed (theta_fix).
+
+    Parameter names are the model's own (`features.0.0.weight`, `head.bias`); patterns are
+    shell-style globs, and a bare module name such as `features` means `features.*`.
+    """
+
     backbone: str = Field(
         "lenet", description="lenet, cnn, or a torchvision classification model name"
     )
+    preset: Literal["full", "linear_probe", "last_k_blocks"] | None = Field(
+        None,
+        description="full: all train; linear_probe: only the head; last_k_blocks: the head "
+        "and the last k_blocks blocks of the features",
+    )
+    k_blocks: int | None = Field(
+        None, gt=0, strict=True, description="k of preset last_k_blocks (default 1)"
+    )
+    freeze: list[str] = Field(
+        default_factory=list, description="parameters to keep fixed (applied after preset)"
+    )
+    trainable: list[str] = Field(
+        default_factory=list, description="parameters to train even if frozen above"
+    )
+    freeze_bn: bool = Field(
+        False, description="batch-norm layers whose parameters are fixed also keep their statistics"
+    )
+    unfreeze: dict[str, int] = Field(
+        default_factory=dict,
+        description="gradual unfreezing: {pattern: step}; those parameters train from that step",
+    )
+
+    @model_validator(mode="after")
+    def _k_needs_preset(self) -> ModelConfig:
+        if self.k_blocks is not None and self.preset != "last_k_blocks":
+            raise ValueError("model.k_blocks is only used with model.preset: last_k_blocks")
+        for pattern, step in self.unfreeze.items():
+            if isinstance(step, bool) or step < 0:
+                raise ValueError(f"model.unfreeze.{pattern}: expected a step >= 0, got {step}")
+        return self
+
+
+# --------------------------------------------------------------------------- init
+class InitConfig(Strict):
+    """Where the weights start; at most one key. Unset: random initialisation."""
+
+    from_run: str | None = Field(None, description="a run folder: its checkpoints/best.pt")
+    checkpoint: str | None = Field(None, description="an xdt checkpoint file (best.pt, last.pt)")
+    weights: str | None = Field(
+        None, description="a state_dict file of the model or of the torchvision backbone"
+    )
+    pretrained: Literal["imagenet"] | None = Field(
+        None, description="torchvision's ImageNet weights for a torchvision backbone"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InitConfig:
+        given = [k for k in ("from_run", "checkpoint", "weights", "pretrained") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(
+                f"init: give at most one of from_run, checkpoint, weights, pretrained "
+                f"(got {', '.join(given)})"
+            )
+        return self
+
+    @property
+    def given(self) -> bool:
+        return any((self.from_run, self.checkpoint, self.weights, self.pretrained))
 
 
 # --------------------------------------------------------------------------- optim
 class _OptimBase(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    lr_mult: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-group lr multipliers {pattern: factor}, e.g. {features: 0.1}",
+    )
+
+    @model_validator(mode="after")
+    def _positive_mult(self) -> _OptimBase:
+        for pattern, factor in self.lr_mult.items():
+            if not factor > 0:
+                raise ValueError(f"optim.lr_mult.{pattern}: expected a factor > 0, got {factor}")
+        return self
 
 
 class SGDConfig(_OptimBase):
@@ -171,10 +256,13 @@ class TrainConfig(Strict):
 
 
 class SelectionConfig(Strict):
-    rule: Literal["source_val", "last"] = Field(
-        "source_val", description="source_val: best on the source's val split; last: final step"
+    rule: Literal["source_val", "target_val", "last"] | None = Field(
+        None,
+        description="source_val: best on the source's val split (default of train-source and "
+        "transfer); target_val: best on the target's labelled val split (default of finetune; "
+        "under transfer it uses target labels and is reported as such); last: the final step",
     )
-    metric: str | None = Field(None, description="default <source>/val/acc")
+    metric: str | None = Field(None, description="default <domain>/val/acc of the rule's domain")
     mode: Literal["max", "min"] | None = Field(None, description="default: min for */loss")
 
 
@@ -191,6 +279,7 @@ class ExperimentConfig(Strict):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    init: InitConfig = InitConfig()
     method: MethodSection = MethodSection()
     optim: OptimConfig = Field(default_factory=lambda: AdamConfig(name="adam"))
     schedule: ScheduleConfig = Field(default_factory=lambda: ConstantSchedule(name="constant"))
@@ -385,19 +474,45 @@ def validate_config(
     cfg.method = MethodSection(name=method_name, **method_cfg.model_dump())
     cfg._method_config = method_cfg
 
+    if cfg.selection.rule is None and subcommand in DEFAULT_RULES:
+        cfg.selection.rule = DEFAULT_RULES[subcommand]  # resolved: config.yaml names it
     problems = _regime_problems(cfg, subcommand)
     if problems:
         raise ConfigError(*(f"{source}: {p}" for p in problems))
     return cfg
 
 
+DEFAULT_RULES = {"train-source": "source_val", "finetune": "target_val", "transfer": "source_val"}
+
+
 def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
     """Settings that the schema accepts but this subcommand cannot run."""
     if subcommand not in SUBCOMMANDS:
         return [f"unknown subcommand '{subcommand}'"]
-    problems = []
-    if cfg.data.source is None:
-        problems.append("data.source: required by train-source (e.g. {dataset: mnist5k})")
+    data, problems = cfg.data, []
+    if subcommand in ("train-source", "transfer") and data.source is None:
+        problems.append(f"data.source: required by {subcommand} (e.g. {{dataset: mnist5k}})")
+    if subcommand in ("finetune", "transfer") and data.target is None:
+        problems.append(f"data.target: required by {subcommand} (e.g. {{dataset: digits}})")
+    if subcommand == "finetune" and not cfg.init.given:
+        problems.append(
+            "init: finetune starts from trained weights; set init.from_run, init.checkpoint, "
+            "init.weights or init.pretrained (or use train-source to train from scratch)"
+        )
+    if subcommand == "transfer" and data.target is not None and data.target.labels_per_class:
+        problems.append(
+            "data.target.labels_per_class: transfer uses no target labels; "
+            "use finetune to train on a few labelled target samples"
+        )
+    if subcommand == "train-source" and data.target is not None and data.target.labels_per_class:
+        problems.append("data.target.labels_per_class: train-source only evaluates data.target")
+    rule = cfg.selection.rule
+    if rule == "target_val" and data.target is None and subcommand == "train-source":
+        problems.append("selection.rule: target_val needs data.target")
+    if rule == "source_val" and data.source is None and subcommand == "finetune":
+        problems.append(
+            "selection.rule: source_val needs data.source (finetune selects on target_val)"
+        )
     return problems
 
 

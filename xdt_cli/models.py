@@ -46,22 +46,26 @@ def _lenet(channels: int) -> nn.Module:
 
 
 def _cnn(channels: int) -> nn.Module:
-    """Four 3x3 conv layers with batch norm (32-32-64-64), then a 256-wide layer."""
+    """Four 3x3 conv blocks with batch norm (32-32-64-64), then a 256-wide layer.
 
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    Each conv+BN+ReLU is one child module, so that "the last k blocks" (model.preset
+    last_k_blocks) means whole blocks: children 0, 1, 3, 4 and the dense block 7.
+    """
+
+    def block(cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        )
 
     return nn.Sequential(
-        *block(channels, 32),
-        *block(32, 32),
+        block(channels, 32),
+        block(32, 32),
         nn.MaxPool2d(2),
-        *block(32, 64),
-        *block(64, 64),
+        block(32, 64),
+        block(64, 64),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.LazyLinear(256),
-        nn.ReLU(),
-        nn.Dropout(0.25),
+        nn.Sequential(nn.LazyLinear(256), nn.ReLU(), nn.Dropout(0.25)),
     )
 
 

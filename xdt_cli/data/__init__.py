@@ -8,8 +8,16 @@ A data set is made of one or more domains; each domain is split, per class, into
 from __future__ import annotations
 
 from xdt_cli.data import embedded  # noqa: E402, F401, I001  (registers the embedded sets)
-from xdt_cli.data.registry import DATASETS, DatasetSpec, Domain, Split, load_domain, register
-from xdt_cli.data.stream import InMemoryStream
+from xdt_cli.data.registry import (
+    DATASETS,
+    DatasetSpec,
+    Domain,
+    Split,
+    load_configured_domain,
+    load_domain,
+    register,
+)
+from xdt_cli.data.stream import InMemoryStream, make_stream
 
 __all__ = [
     "DATASETS",
@@ -17,6 +25,8 @@ __all__ = [
     "Domain",
     "InMemoryStream",
     "Split",
+    "load_configured_domain",
     "load_domain",
+    "make_stream",
     "register",
 ]

@@ -6,10 +6,11 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from torch import Tensor
 
-from xdt_cli.data.splits import stratified_split
+from xdt_cli.data.splits import labelled_subset, stratified_split
 from xdt_cli.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -94,3 +95,18 @@ def load_domain(
         input_shape=spec.input_shape,
         splits={name: Split(x[idx], y[idx]) for name, idx in zip(SPLITS, parts, strict=True)},
     )
+
+
+def load_configured_domain(domain_cfg: Any, *, split_seed: int, key: str) -> Domain:
+    """Load the domain that a `data.source` / `data.target` section describes.
+
+    `labels_per_class: k` keeps a seeded, stratified subset of k training samples per class;
+    val and test stay whole.
+    """
+    domain = load_domain(domain_cfg.dataset, split_seed=split_seed, key=key)
+    k = domain_cfg.labels_per_class
+    if k is not None:
+        train = domain.splits["train"]
+        idx = labelled_subset(train.y, k, split_seed)
+        domain.splits["train"] = Split(train.x[idx], train.y[idx])
+    return domain

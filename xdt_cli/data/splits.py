@@ -28,3 +28,15 @@ def stratified_split(
             parts[i].append(idx[start:stop])
             start = stop
     return [torch.from_numpy(np.sort(np.concatenate(p))) for p in parts]
+
+
+def labelled_subset(labels: Tensor, per_class: int, seed: int) -> Tensor:
+    """Sorted indices of `per_class` samples of every class, drawn with `seed` (few-shot).
+
+    A class with fewer samples keeps all of them. The draw is seeded like the splits, so a
+    given (`seed`, `per_class`) picks the same samples on every machine.
+    """
+    rng = np.random.default_rng([seed, per_class])
+    y = labels.numpy()
+    picked = [rng.permutation(np.flatnonzero(y == cls))[:per_class] for cls in np.unique(y)]
+    return torch.from_numpy(np.sort(np.concatenate(picked)))

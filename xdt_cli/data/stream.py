@@ -10,6 +10,7 @@ only to check that it resumes the same stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,3 +77,25 @@ class InMemoryStream:
             "size": len(self.x),
             "batch_size": self.batch_size,
         }
+
+
+def make_stream(
+    split: Any,
+    *,
+    batch_size: int,
+    seed: int,
+    domain: str,
+    device: torch.device,
+    labelled: bool = True,
+    task: str | None = None,
+) -> InMemoryStream:
+    """The training stream of one split; `labelled=False` drops the labels (y is None)."""
+    return InMemoryStream(
+        split.x,
+        split.y if labelled else None,
+        batch_size=batch_size,
+        seed=seed,
+        domain=domain,
+        device=device,
+        task=task,
+    )

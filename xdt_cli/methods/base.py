@@ -38,13 +38,20 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     paper: ClassVar[str] = ""
 
-    def __init__(self, model: Classifier, config: MethodConfig) -> None:
+    def __init__(self, model: Classifier, config: MethodConfig, *, total_steps: int = 1) -> None:
         super().__init__()
         self.model = model
         self.config = config
+        # the run's train.steps: schedules such as DANN's adversarial weight ramp read it
+        self.total_steps = total_steps
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
-        """Return {"loss": scalar tensor, ...}; every entry is logged as `train/<key>`."""
+        """Return {"loss": scalar tensor, ...}; every entry is logged as `train/<key>`.
+
+        `batch` holds one DomainBatch per training stream, in the regime's order:
+        train-source: [source]; finetune: [target (labelled)]; transfer: [source (labelled),
+        target (y is None: no target label ever reaches a transfer method)].
+        """
         raise NotImplementedError
 
     @torch.no_grad()
