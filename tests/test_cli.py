@@ -127,7 +127,7 @@ def test_existing_name_needs_overwrite(cli, tiny_config: Path, tmp_path: Path) -
         (["--device", "tpu"], "device"),
         (["--bogus"], "--bogus"),
         (["method.name=dann"], "method.name"),
-        (["data.source.dataset=mnist"], "data.source.dataset"),
+        (["data.source.dataset=mnist4k"], "data.source.dataset"),
         (["model.backbone=resnet1"], "model.backbone"),
         (["train.batch_size=100000"], "train.batch_size"),
         (["selection.metric=digits/test/acc"], "selection.metric"),
@@ -190,7 +190,8 @@ def test_datasets_and_methods(cli) -> None:
     table = cli("datasets")
     assert table.exit_code == 0 and "mnist5k" in table.stdout and "5000" in table.stdout
     methods = {r["name"]: r for r in json.loads(cli("methods", "--json").stdout)}
-    assert methods["erm"]["subcommands"] == ["train-source"]
+    assert methods["erm"]["subcommands"] == ["finetune", "train-source"]
+    assert methods["dann"]["subcommands"] == ["transfer"]
     assert methods["erm"]["defaults"] == {"label_smoothing": 0.0}
     assert "erm" in cli("methods").stdout
 

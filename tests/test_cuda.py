@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import write_config
 from tests.test_engine import QUIET, _interrupt_at, run
-from xdt_cli.api import resume_run
+from xdt_cli.api import resume_run, start_run
 from xdt_cli.errors import RunInterrupted
+from xdt_cli.methods import METHODS
 
 pytestmark = [
     pytest.mark.cuda,
@@ -53,3 +55,30 @@ def test_resume_on_cuda_finishes_like_an_uninterrupted_run(
     # cuDNN and cuBLAS kernels may differ in the last bits between launches
     for key, value in straight["final"].items():
         assert resumed["final"][key] == pytest.approx(value, abs=0.02), key
+
+
+TRANSFER_METHODS = sorted(name for name, cls in METHODS.items() if "transfer" in cls.regimes)
+
+
+@pytest.mark.parametrize("method", TRANSFER_METHODS)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_transfer_methods_train_under_mixed_precision(
+    tmp_path: Path, method: str, precision: str
+) -> None:
+    config = {
+        "data": {"source": {"dataset": "digits"}, "target": {"dataset": "mnist5k"}},
+        "model": {"backbone": "cnn"},
+        "method": {"name": method},
+        "train": {"steps": 60, "batch_size": 32, "eval_every": 30, "precision": precision},
+    }
+    path = write_config(tmp_path / "tr.yaml", config)
+    summary = start_run(
+        "transfer",
+        path,
+        ["device=cuda"],
+        name=f"{method}-{precision}",
+        runs_dir=tmp_path / "runs",
+        reporter=QUIET,
+    )
+    assert summary["status"] == "completed", summary.get("error")
+    assert summary["final"]["digits/val/acc"] > 0.5

@@ -187,7 +187,7 @@ def test_bad_checkpoints_exit_2(cli, plain, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["--data", "mnist"], ["--data", "unknown data set 'mnist'", "did you mean 'mnist5k'"]),
+        (["--data", "mnist4k"], ["--data", "unknown data set 'mnist4k'", "did you mean 'mnist5k'"]),
         (["--data", "digits:rot15"], ["--data", "no domain 'rot15'"]),
         (["--data", "digits:"], ["--data"]),
         (["--data", "rgb32"], ["--data", "rgb32", "(3, 32, 32)"]),

@@ -9,12 +9,12 @@ from torch import nn
 from xdt_cli.errors import ConfigError
 from xdt_cli.models import BUILTIN_BACKBONES, Classifier, create_model
 
-FEATURE_DIM = {"lenet": 84, "cnn": 256}
+FEATURE_DIM = {"lenet": 84, "cnn": 256, "brief_cnn": 512}
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 
 
-def test_the_builtin_backbones_are_lenet_and_cnn() -> None:
-    assert set(BUILTIN_BACKBONES) == {"lenet", "cnn"}
+def test_the_builtin_backbones_are_lenet_cnn_and_the_briefs_cnn() -> None:
+    assert set(BUILTIN_BACKBONES) == {"lenet", "cnn", "brief_cnn"}
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["1x28x28", "3x32x32"])
@@ -50,7 +50,7 @@ def test_a_builtin_backbone_maps_images_to_features_to_logits(
 def test_building_leaves_batch_norm_statistics_untouched(shape: tuple[int, int, int]) -> None:
     model = create_model("cnn", shape, 10)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert len(norms) == 4
+    assert len(norms) == 3
     for norm in norms:
         assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
         assert torch.equal(norm.running_var, torch.ones_like(norm.running_var))
@@ -72,7 +72,7 @@ def test_the_same_seed_gives_identical_initial_weights(backbone: str) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     # another seed: other conv and linear weights (batch norm starts at 1 and 0 whatever the seed)
     drawn = [k for k in a if a[k].dim() > 1]
-    assert len(drawn) == {"lenet": 5, "cnn": 6}[backbone]
+    assert len(drawn) == {"lenet": 5, "cnn": 5, "brief_cnn": 4}[backbone]
     assert all(not torch.equal(a[k], c[k]) for k in drawn)
 
 

@@ -43,12 +43,14 @@ def start_run(
     cfg = load_config(
         config, overrides, subcommand=subcommand, flags={"seed": seed, "device": device}
     )
+    runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    _resolve_from_run(cfg, runs_root)
     runtime = Runtime.from_env(cfg.device)
     experiment = build_experiment(subcommand, cfg, runtime)
     run = None
     if runtime.is_main:
         path = create_run_dir(
-            Path(runs_dir) if runs_dir is not None else default_runs_dir(),
+            runs_root,
             subcommand,
             cfg.name,
             name,
@@ -61,8 +63,21 @@ def start_run(
         meta = make_meta(subcommand, str(runtime.device), precision, argv or sys.argv)
         run.write_json(run.meta_path, meta)
         reporter.message(f"run folder: {path}  (device {runtime.device}, {precision})")
+    for note in experiment.notes:
+        reporter.message(note)
     engine = Engine(cfg, experiment, runtime, run=run, reporter=reporter)
     return _fit(engine, reporter, run)
+
+
+def _resolve_from_run(cfg, runs_root: Path) -> None:
+    """`init.from_run` may name a run inside the runs folder (`digits-src`, or
+    `../other_sweep/seed0-1a2b3c4d` from a sweep's folder) when no such path exists here.
+    The resolved absolute path is what config.yaml records."""
+    given = cfg.init.from_run
+    if given and not Path(given).expanduser().is_absolute() and not Path(given).exists():
+        candidate = runs_root / given
+        if candidate.exists():
+            cfg.init.from_run = str(candidate.resolve())
 
 
 def resume_run(
@@ -86,9 +101,10 @@ def resume_run(
     cfg = load_config(run.config_path, subcommand=subcommand)
     runtime = Runtime.from_env(cfg.device)
     run.lock()
-    experiment = build_experiment(subcommand, cfg, runtime)
+    resuming = run.last_ckpt.exists()
+    experiment = build_experiment(subcommand, cfg, runtime, resuming=resuming)
     engine = Engine(cfg, experiment, runtime, run=run, reporter=reporter)
-    if run.last_ckpt.exists():
+    if resuming:
         engine.resume_from(run.last_ckpt)
         reporter.message(f"resuming {run.path} at step {engine.step}/{cfg.train.steps}")
     else:

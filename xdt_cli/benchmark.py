@@ -16,8 +16,10 @@ docs/BENCHMARKS.md between `<!-- suite:<name>:start -->` and `<!-- suite:<name>:
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,12 +36,33 @@ SUITES_DIR = Path("benchmarks") / "suites"
 DEFAULT_DOC = Path("docs") / "BENCHMARKS.md"
 
 
+class TableSpec(BaseModel):
+    """A comparison table: one row per sweep, one metric, mean ± std over the sweep's runs.
+
+    With `baseline` and `ceiling` (sweep names), each row also shows its difference to the
+    baseline in points and the fraction of the baseline-to-ceiling gap it closes, e.g.
+    source-only training (baseline) and training on the target's own labels (ceiling).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    title: str
+    metric: str = Field(description="e.g. mnist5k/test/acc")
+    rows: list[str] = Field(min_length=1, description="sweep names, in table order")
+    baseline: str | None = None
+    ceiling: str | None = None
+    selection: str | None = Field(None, description="default: the suite's selection")
+    note: str = ""
+
+
 class SuiteFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: str = ""
     sweeps: list[str] = Field(min_length=1, description="sweep files, relative to the suite")
     metrics: list[str] | None = Field(None, description="default: every */test/acc metric")
     selection: str = Field("summary", description="the rule that picks each run's step")
+    tables: list[TableSpec] | None = Field(
+        None, description="comparison tables across sweeps instead of one table per sweep"
+    )
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,7 @@ class Suite:
     sweeps: tuple[Path, ...]
     metrics: tuple[str, ...] | None
     selection: str
+    tables: tuple[TableSpec, ...] = ()
 
 
 def find_suite(name_or_path: str) -> Path:
@@ -81,6 +105,13 @@ def load_suite(path: Path) -> Suite:
     from xdt_cli.selection import get_rule
 
     get_rule(spec.selection)  # an unknown rule fails here, before anything runs
+    names = {Path(s).stem for s in spec.sweeps}
+    for i, table in enumerate(spec.tables or []):
+        if table.selection:
+            get_rule(table.selection)
+        for name in [*table.rows, table.baseline, table.ceiling]:
+            if name is not None and name not in names:
+                raise ConfigError(f"{path}: tables.{i}: '{name}' is not one of the suite's sweeps")
     return Suite(
         name=path.stem,
         path=path,
@@ -88,6 +119,7 @@ def load_suite(path: Path) -> Suite:
         sweeps=sweeps,
         metrics=tuple(spec.metrics) if spec.metrics else None,
         selection=spec.selection,
+        tables=tuple(spec.tables or ()),
     )
 
 
@@ -116,11 +148,18 @@ def run_benchmark(
 
     tables = []
     train_time = 0.0
+    records_of = {}
     for p in plans:
         records = [r for r in collect_runs([p.sweep_dir]) if r.path.parent == p.sweep_dir]
-        groups = summarize(records, metrics=suite.metrics, selection=suite.selection)
-        tables.append((p.sweep.name, render(groups, "markdown", selection=suite.selection)))
+        records_of[p.sweep.name] = records
+        if not suite.tables:
+            groups = summarize(records, metrics=suite.metrics, selection=suite.selection)
+            tables.append(
+                (f"Sweep `{p.sweep.name}`", render(groups, "markdown", selection=suite.selection))
+            )
         train_time += sum(float((r.summary or {}).get("wall_time_s", 0.0)) for r in records)
+    for spec in suite.tables:
+        tables.append((spec.title, comparison_table(spec, records_of, suite.selection)))
     section = _section(suite, jobs, tables, elapsed, train_time)
     write_section(doc, suite.name, section)
     return {
@@ -160,8 +199,8 @@ def _section(
         f"{train_time:.1f} s (runs completed by an earlier call are reused, not rerun).",
         "",
     ]
-    for name, table in tables:
-        lines += [f"### Sweep `{name}`", "", table.rstrip(), ""]
+    for title, table in tables:
+        lines += [f"### {title}", "", table.rstrip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -177,3 +216,49 @@ def write_section(doc: Path, name: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     atomic_write_text(doc, text)
+
+
+def comparison_table(spec: TableSpec, records_of: dict[str, list], selection: str) -> str:
+    """The markdown table of one `TableSpec` (see its docstring)."""
+    rule = spec.selection or selection
+    stats = {name: _sweep_stats(records_of[name], spec.metric, rule) for name in records_of}
+    base = stats[spec.baseline]["mean"] if spec.baseline else None
+    ceiling = stats[spec.ceiling]["mean"] if spec.ceiling else None
+    header = ["run", "n", f"{spec.metric} (mean ± std)"]
+    if base is not None:
+        header.append(f"vs {spec.baseline} (points)")
+    if base is not None and ceiling is not None:
+        header.append("gap closed")
+    header.append("wall time per run (s)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in spec.rows:
+        st = stats[name]
+        cells = [f"`{name}`", str(st["n"])]
+        mean = st["mean"]
+        cells.append("n/a" if mean is None else f"{mean:.4f} ± {st['std']:.4f}")
+        if base is not None:
+            cells.append("n/a" if mean is None else f"{100 * (mean - base):+.1f}")
+        if base is not None and ceiling is not None:
+            gap = ceiling - base
+            cells.append("n/a" if mean is None or gap <= 0 else f"{100 * (mean - base) / gap:.0f}%")
+        cells.append(f"{st['wall']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Selection: `{rule}`." + (f" {spec.note.strip()}" if spec.note else "")]
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_stats(records: list, metric: str, rule: str) -> dict[str, Any]:
+    runs = [r for r in records if r.completed]
+    values = []
+    for r in runs:
+        row = r.choose(rule) or {}
+        value = row.get(metric)
+        if isinstance(value, int | float) and math.isfinite(value):
+            values.append(float(value))
+    walls = [float((r.summary or {}).get("wall_time_s", 0.0)) for r in runs]
+    return {
+        "n": len(values),
+        "mean": statistics.mean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "wall": statistics.mean(walls) if walls else 0.0,
+    }

@@ -166,6 +166,40 @@ OverwriteOpt = Annotated[
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
+def _start(
+    subcommand: str,
+    config: Path,
+    overrides,
+    name,
+    runs_dir,
+    device,
+    seed,
+    quiet,
+    as_json,
+    overwrite,
+    debug,
+) -> None:
+    def body() -> int:
+        from xdt_cli.api import start_run
+        from xdt_cli.progress import Reporter
+
+        summary = start_run(
+            subcommand,
+            config,
+            overrides or [],
+            name=name,
+            runs_dir=runs_dir,
+            device=device,
+            seed=seed,
+            overwrite=overwrite,
+            reporter=Reporter(quiet=quiet),
+            argv=sys.argv,
+        )
+        return _finish(summary, as_json)
+
+    _guard(debug, body)
+
+
 @app.command("train-source")
 def train_source(
     config: ConfigArg,
@@ -183,26 +217,91 @@ def train_source(
 
     Example: xdt train-source configs/quickstart.yaml train.steps=500 --name mnist-500 --json
     """
+    _start(
+        "train-source",
+        config,
+        overrides,
+        name,
+        runs_dir,
+        device,
+        seed,
+        quiet,
+        as_json,
+        overwrite,
+        debug,
+    )
 
-    def body() -> int:
-        from xdt_cli.api import start_run
-        from xdt_cli.progress import Reporter
 
-        summary = start_run(
-            "train-source",
-            config,
-            overrides or [],
-            name=name,
-            runs_dir=runs_dir,
-            device=device,
-            seed=seed,
-            overwrite=overwrite,
-            reporter=Reporter(quiet=quiet),
-            argv=sys.argv,
-        )
-        return _finish(summary, as_json)
+@app.command("finetune")
+def finetune(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    name: NameOpt = None,
+    runs_dir: RunsDirOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fine-tune trained weights on the labelled target domain.
 
-    _guard(debug, body)
+    The model starts from `init` (a source run, a checkpoint, a weights file or ImageNet
+    weights); `model.preset`, `model.freeze` and `model.trainable` choose the parameters that
+    stay fixed and those that train; `method.name` is `erm`, `l2sp`, `bss` or `delta`.
+
+    Example: xdt finetune configs/transfer/digits_to_mnist5k_finetune_10shot.yaml --seed 1
+    """
+    _start(
+        "finetune",
+        config,
+        overrides,
+        name,
+        runs_dir,
+        device,
+        seed,
+        quiet,
+        as_json,
+        overwrite,
+        debug,
+    )
+
+
+@app.command("transfer")
+def transfer(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    name: NameOpt = None,
+    runs_dir: RunsDirOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Adapt from a labelled source domain to an unlabelled target domain.
+
+    Every step takes a labelled source batch and an unlabelled target batch (its labels never
+    reach the method); `method.name` picks the domain-adaptation method (`xdt methods`).
+    Checkpoints are chosen on the source's val split unless `selection.rule` says otherwise.
+
+    Example: xdt transfer configs/transfer/digits_to_mnist5k_dann.yaml --seed 1 --json
+    """
+    _start(
+        "transfer",
+        config,
+        overrides,
+        name,
+        runs_dir,
+        device,
+        seed,
+        quiet,
+        as_json,
+        overwrite,
+        debug,
+    )
 
 
 @app.command("resume")
@@ -396,7 +495,9 @@ def report(
     ] = None,
     selection: Annotated[
         str,
-        typer.Option("--selection", help="summary (each run's own choice), source_val or last."),
+        typer.Option(
+            "--selection", help="summary (each run's own choice), source_val, target_val or last."
+        ),
     ] = "summary",
     fmt: Annotated[
         str, typer.Option("--format", help="table, markdown, csv, latex or json.")

@@ -16,7 +16,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -26,6 +26,8 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -45,19 +47,259 @@ class Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- data
+# The transform schema lives here, torch-free, so that reading a config never imports torch;
+# the ops themselves are in data/transforms.py.
+
+NORMALIZE_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "half": ((0.5,), (0.5,)),  # [0, 1] -> [-1, 1] on any number of channels
+}
+
+
+class _TransformArgs(Strict):
+    """The arguments of one transform; a scalar or a list stands for its `shorthand` field."""
+
+    shorthand: ClassVar[str | None] = None
+    random: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_shorthand(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if cls.shorthand and not isinstance(value, dict):
+            return {cls.shorthand: value}
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class _SizedArgs(_TransformArgs):
+    shorthand = "size"
+    size: int | tuple[int, int] = Field(
+        description="[H, W]; an int is a square, except for resize: the shorter side"
+    )
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _image_size(cls, value: Any) -> int | tuple[int, int]:
+        def positive(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        if positive(value):
+            return value
+        if isinstance(value, list | tuple) and len(value) == 2 and all(map(positive, value)):
+            return (value[0], value[1])
+        raise ValueError(f"expected a size in pixels or [height, width], got {value!r}")
+
+
+class ResizeArgs(_SizedArgs):
+    """[H, W]: exactly that size; an int: the shorter side becomes that, keeping the aspect."""
+
+
+class CenterCropArgs(_SizedArgs):
+    pass
+
+
+class RandomCropArgs(_SizedArgs):
+    random = True
+    padding: int = Field(0, ge=0, strict=True, description="pixels added on every side first")
+    padding_mode: Literal["constant", "reflect", "edge"] = "constant"
+
+
+class RandomResizedCropArgs(_SizedArgs):
+    random = True
+    scale: tuple[float, float] = Field((0.08, 1.0), description="range of the crop's area share")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="range of its aspect ratio")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> RandomResizedCropArgs:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError("scale: expected 0 < low <= high <= 1")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError("ratio: expected 0 < low <= high")
+        return self
+
+
+class HorizontalFlipArgs(_TransformArgs):
+    shorthand = "p"
+    random = True
+    p: float = Field(0.5, ge=0, le=1, description="probability of flipping an image")
+
+
+class ColorJitterArgs(_TransformArgs):
+    random = True
+    brightness: float = Field(0.0, ge=0, description="factor drawn from [1 - b, 1 + b]")
+    contrast: float = Field(0.0, ge=0, description="factor drawn from [1 - c, 1 + c]")
+    saturation: float = Field(0.0, ge=0, description="factor drawn from [1 - s, 1 + s]")
+    hue: float = Field(0.0, ge=0, le=0.5, description="hue shift drawn from [-h, h]")
+
+
+class GrayscaleArgs(_TransformArgs):
+    shorthand = "channels"
+    channels: Literal[1, 3] = Field(1, description="1: grey; 3: grey repeated on R, G and B")
+
+
+class NormalizeArgs(_TransformArgs):
+    shorthand = "preset"
+    preset: Literal["imagenet", "cifar10", "mnist", "half"] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _preset_or_values(self) -> NormalizeArgs:
+        given = self.mean is not None or self.std is not None
+        if (self.preset is None) == (not given):
+            raise ValueError(
+                "give a preset (imagenet, cifar10, mnist, half) or mean and std, not both"
+            )
+        if given:
+            if self.mean is None or self.std is None or len(self.mean) != len(self.std):
+                raise ValueError("mean and std need one value per channel each")
+            if not self.mean or any(s <= 0 for s in self.std):
+                raise ValueError("std values must be > 0")
+        return self
+
+    def values(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.preset is not None:
+            return NORMALIZE_PRESETS[self.preset]
+        return tuple(self.mean or ()), tuple(self.std or ())
+
+
+class TransformStep(Strict):
+    """One transform, written as a one-key mapping `{name: arguments}` (or a bare name)."""
+
+    resize: ResizeArgs | None = None
+    center_crop: CenterCropArgs | None = None
+    random_crop: RandomCropArgs | None = None
+    random_resized_crop: RandomResizedCropArgs | None = None
+    horizontal_flip: HorizontalFlipArgs | None = None
+    color_jitter: ColorJitterArgs | None = None
+    grayscale: GrayscaleArgs | None = None
+    normalize: NormalizeArgs | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_transform(cls, value: Any) -> Any:
+        if isinstance(value, str):  # `- horizontal_flip`: the default arguments
+            value = {value: {}}
+        if not isinstance(value, dict):
+            return value  # pydantic names the type error
+        given = list(value)
+        if len(given) != 1:
+            raise ValueError(
+                f"each transform is one {{name: arguments}} mapping; got "
+                f"{', '.join(map(str, value)) or 'none'}"
+            )
+        name = given[0]
+        if name not in cls.model_fields:
+            raise ValueError(
+                f"unknown transform '{name}'{_did_you_mean(str(name), cls.model_fields)}; "
+                f"known: {', '.join(cls.model_fields)}"
+            )
+        return {name: {} if value[name] is None else value[name]}
+
+    @property
+    def op(self) -> tuple[str, _TransformArgs]:
+        """(name, arguments) of the one transform this step holds."""
+        return next((k, v) for k in type(self).model_fields if (v := getattr(self, k)) is not None)
+
+    @model_serializer(mode="wrap")
+    def _only_the_transform(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class TransformsConfig(Strict):
+    """Per-split transforms: `train` feeds the training stream, `eval` the val and test splits.
+
+    Both lists run in order on images as floats in [0, 1] and must give one image size.
+    """
+
+    train: list[TransformStep] = Field(default_factory=list)
+    eval: list[TransformStep] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _deterministic_eval(self) -> TransformsConfig:
+        for i, step in enumerate(self.eval):
+            name, args = step.op
+            if args.random:
+                raise ValueError(
+                    f"eval.{i}: {name} is random; eval transforms must be deterministic "
+                    "(use center_crop, resize)"
+                )
+        return self
+
+
+class LoaderConfig(Strict):
+    """DataLoader settings of an image-folder (disk) set; in-memory sets take none."""
+
+    num_workers: int = Field(
+        0, ge=0, strict=True, description="processes decoding images (0: the training process)"
+    )
+    pin_memory: bool = Field(False, description="page-locked batches for faster copies to CUDA")
+    persistent_workers: bool = Field(False, description="keep the worker processes between uses")
+
+    @model_validator(mode="after")
+    def _workers(self) -> LoaderConfig:
+        if self.persistent_workers and self.num_workers == 0:
+            raise ValueError("persistent_workers needs num_workers > 0")
+        return self
+
+
 class DomainConfig(Strict):
+    """One domain: which data set (and domain of it), where its files are, which classes,
+    and how its images are transformed. See docs/DATA.md."""
+
     dataset: str = Field(description="a registered data set (see `xdt datasets`)")
+    domain: str | None = Field(
+        None, description="the domain of a multi-domain set, e.g. amazon in office31"
+    )
+    root: str | None = Field(
+        None,
+        description="folder of the files (torchvision sets: default ./data; image-folder sets: "
+        "required, holding root/<domain>/<class>/<image>); relative to the working directory",
+    )
+    download: bool = Field(False, description="torchvision sets: fetch missing files into root")
+    classes: list[str] | None = Field(
+        None, description="keep only these classes, in this order (labels 0..k-1)"
+    )
+    class_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="rename the set's classes before `classes` applies, e.g. {car: automobile}",
+    )
     labels_per_class: int | None = Field(
         None,
         gt=0,
         strict=True,
         description="keep k labelled training samples per class (seeded by data.split_seed)",
     )
+    transforms: TransformsConfig = Field(default_factory=TransformsConfig)
+    skip_bad_images: bool = Field(
+        False, description="image-folder sets: skip (and count) files that cannot be decoded"
+    )
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+
+    @model_validator(mode="after")
+    def _classes(self) -> DomainConfig:
+        if self.classes is not None:
+            if not self.classes:
+                raise ValueError("classes: keep at least one class (or leave the key out)")
+            seen = {c for c in self.classes if self.classes.count(c) > 1}
+            if seen:
+                raise ValueError(f"classes: {', '.join(sorted(seen))} given twice")
+        return self
 
 
 class DataConfig(Strict):
     split_seed: int = Field(
-        0, strict=True, description="seed of the stratified 70/15/15 train/val/test split"
+        0,
+        strict=True,
+        description="seed of the stratified splits: 70/15/15 train/val/test, or 85/15 "
+        "train/val of a set's official training split (its official test split stays test)",
     )
     source: DomainConfig | None = Field(
         None, description="the labelled source domain (finetune: only evaluated, optional)"
@@ -130,7 +372,7 @@ class InitConfig(Strict):
         given = [k for k in ("from_run", "checkpoint", "weights", "pretrained") if getattr(self, k)]
         if len(given) > 1:
             raise ValueError(
-                f"init: give at most one of from_run, checkpoint, weights, pretrained "
+                f"give at most one of from_run, checkpoint, weights, pretrained "
                 f"(got {', '.join(given)})"
             )
         return self
@@ -218,6 +460,16 @@ class CosineSchedule(_ScheduleBase):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / base lr")
 
 
+class InvSchedule(_ScheduleBase):
+    """lr * (1 + gamma * p) ** -power with p = step / train.steps: the annealing of DANN
+    (Ganin et al. 2016) used by most domain-adaptation papers and the Transfer-Learning-Library.
+    """
+
+    name: Literal["inv"] = "inv"
+    gamma: float = Field(10.0, gt=0)
+    power: float = Field(0.75, gt=0)
+
+
 class OneCycleSchedule(Strict):
     """Smith & Topin 2019, as torch's OneCycleLR (cosine annealing; no momentum cycling)."""
 
@@ -231,6 +483,7 @@ ScheduleConfig = Annotated[
     Annotated[ConstantSchedule, Tag("constant")]
     | Annotated[StepSchedule, Tag("step")]
     | Annotated[CosineSchedule, Tag("cosine")]
+    | Annotated[InvSchedule, Tag("inv")]
     | Annotated[OneCycleSchedule, Tag("onecycle")],
     _name_or("constant"),
 ]
@@ -293,7 +546,9 @@ class ExperimentConfig(Strict):
                 "train.early_stopping needs a selection metric, and selection.rule 'last' has none"
             )
         if (
-            isinstance(self.schedule, StepSchedule | CosineSchedule | ConstantSchedule)
+            isinstance(
+                self.schedule, StepSchedule | CosineSchedule | ConstantSchedule | InvSchedule
+            )
             and self.schedule.warmup_steps >= self.train.steps
         ):
             raise ValueError("schedule.warmup_steps must be smaller than train.steps")
@@ -450,6 +705,9 @@ def validate_config(
         cfg.name = stem
 
     from xdt_cli.methods import METHODS  # methods import torch; keep `config` light to import
+    from xdt_cli.plugins import load_plugins
+
+    load_plugins("methods")  # third-party methods (entry-point group xdt.methods)
 
     method_name = cfg.method.name
     method_cls = METHODS.get(method_name)

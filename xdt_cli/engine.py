@@ -23,7 +23,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from xdt_cli.config import (
     AdamWConfig,
     CosineSchedule,
     ExperimentConfig,
+    InvSchedule,
     OneCycleSchedule,
     SGDConfig,
     StepSchedule,
@@ -42,6 +43,7 @@ from xdt_cli.config import (
 from xdt_cli.data import InMemoryStream, Split
 from xdt_cli.errors import CheckpointError, NonFiniteLoss, RunInterrupted
 from xdt_cli.evaluation import evaluate
+from xdt_cli.freezing import release
 from xdt_cli.methods.base import Method
 from xdt_cli.progress import Reporter
 from xdt_cli.runs import RunDir
@@ -71,11 +73,20 @@ class Experiment:
     streams: list[InMemoryStream]
     eval_sets: dict[str, dict[str, Split]]
     selection: Selection
+    # optimizer groups [{"params": [...], "lr_mult": f}]; None: every parameter that trains
+    param_groups: list[dict[str, Any]] | None = None
+    # gradual unfreezing: step -> model parameter names that train from that step on
+    unfreeze: dict[int, list[str]] = field(default_factory=dict)
+    # parameter counts recorded in summary.json ("trainable", "fixed", ...)
+    parameters: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # shown to the user before training
 
 
 # --------------------------------------------------------------------------- optimisation
-def build_optimizer(cfg: ExperimentConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: ExperimentConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """One torch param group per lr multiplier (`optim.lr_mult`); the schedule scales all."""
     o = cfg.optim
+    params = [{"params": g["params"], "lr": o.lr * g["lr_mult"]} for g in groups]
     if isinstance(o, SGDConfig):
         return torch.optim.SGD(
             params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
@@ -111,6 +122,8 @@ def lr_factor(cfg: ExperimentConfig) -> Callable[[int], float]:
             return s.gamma ** ((k - warmup) // s.step_size)
         if isinstance(s, CosineSchedule):
             return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        if isinstance(s, InvSchedule):
+            return (1 + s.gamma * t) ** -s.power
         return 1.0
 
     return factor
@@ -146,10 +159,15 @@ class Engine:
         self.autocast = autocast_for(self.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
-        self.params = [p for p in self.method.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, self.params)
+        groups = experiment.param_groups
+        if groups is None:
+            groups = [{"params": [p for p in self.method.parameters() if p.requires_grad]}]
+            groups[0]["lr_mult"] = 1.0
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = build_optimizer(cfg, groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
 
+        self._model_params = dict(self.method.model.named_parameters())
         self.step = 0
         self.best: dict[str, Any] | None = None  # {"step", "value", "metrics"}
         self.last_eval: dict[str, float] = {}
@@ -217,6 +235,7 @@ class Engine:
         try:
             with self._signals():
                 while self.step < total:
+                    self._release_due_parameters()
                     out = self._train_step()
                     self.step += 1
                     self._accumulate(out)
@@ -241,6 +260,13 @@ class Engine:
         finally:
             self.reporter.stop()
         return self._write_summary(status, elapsed(), error, early)
+
+    def _release_due_parameters(self) -> None:
+        """Gradual unfreezing: parameters whose step has come start to train (idempotent, so
+        a resumed run releases everything due up to its step)."""
+        due = [n for s, names in self.exp.unfreeze.items() if s <= self.step for n in names]
+        if due and not all(self._model_params[n].requires_grad for n in due):
+            release(self.method.model, due)
 
     def _train_step(self) -> dict[str, Tensor]:
         batch = [s.batch(self.step) for s in self.streams]
@@ -333,6 +359,7 @@ class Engine:
             "steps": self.step,
             "wall_time_s": round(elapsed, 3),
             "early_stopped": early,
+            "parameters": self.exp.parameters,
         }
         if error is not None:
             summary["error"] = error

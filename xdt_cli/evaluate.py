@@ -1,11 +1,12 @@
 """`xdt evaluate`: score a trained run's checkpoint on any registered data set or domain.
 
 The model is rebuilt from the run's own config.yaml (backbone, method, input shape and class
-count of its source data), the chosen checkpoint's `method` state is loaded, and the scores
-come from `evaluation.evaluate` with the run's `train.eval_batch_size` and precision: the
-same code and batching as the engine, so `best` reproduces summary.json's "best" metrics
-and `last` its "final" metrics exactly on the device the run trained on. Optionally the
-penultimate-layer features (`model.features(x)`), labels and logits go to an .npz file.
+count of the domain it trained on: data.source, or data.target for finetune), the chosen
+checkpoint's `method` state is loaded, and the scores come from `evaluation.evaluate` with
+the run's `train.eval_batch_size` and precision: the same code and batching as the engine,
+so `best` reproduces summary.json's "best" metrics and `last` its "final" metrics exactly
+on the device the run trained on. Optionally the penultimate-layer features
+(`model.features(x)`), labels and logits go to an .npz file.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from xdt_cli.checkpoint import load_checkpoint, unwrap_state_dict
 from xdt_cli.config import ExperimentConfig, load_config
-from xdt_cli.data import Split, load_domain
+from xdt_cli.data import Domain, Split, load_configured_domain, load_domain
 from xdt_cli.data.registry import SPLITS, DatasetSpec, get_spec
 from xdt_cli.errors import CheckpointError, ConfigError, XdtError
 from xdt_cli.evaluation import evaluate
@@ -57,24 +58,30 @@ def evaluate_run(
     if split not in SPLIT_CHOICES:
         raise XdtError(f"--split: '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
     run = RunDir(Path(run_dir))
-    cfg = read_run_config(run)
-    source = get_spec(cfg.data.source.dataset, "data.source.dataset")
-    domains = resolve_domains(cfg, source, data)
+    cfg, trained_key = read_run_config(run)
+    # The run's own domains exactly as it read them (root, transforms, classes, splits).
+    own = {
+        key: load_configured_domain(section, split_seed=cfg.data.split_seed, key=f"data.{key}")
+        for key in (trained_key, "source", "target")
+        if (section := getattr(cfg.data, key)) is not None
+    }
+    trained = own[trained_key]
     runtime_device = _resolve_device(device)
 
     path = run.best_ckpt if checkpoint == "best" else run.last_ckpt
-    method, step = load_method(cfg, source, path, runtime_device)
+    method, step = load_method(cfg, trained, path, runtime_device)
 
     split_names = SPLITS if split == "all" else (split,)
+    if data is None:  # the domains the run evaluated: source, then target
+        chosen = [own[k] for k in ("source", "target") if k in own]
+    else:
+        chosen = [
+            load_domain(spec.name, domain, split_seed=cfg.data.split_seed, key="--data")
+            for spec, domain in resolve_domains(trained, data)
+        ]
     eval_sets = {
-        domain: {
-            name: part
-            for name, part in load_domain(
-                spec.name, domain, split_seed=cfg.data.split_seed, key="--data"
-            ).splits.items()
-            if name in split_names
-        }
-        for spec, domain in domains
+        d.name: {name: part for name, part in d.splits.items() if name in split_names}
+        for d in chosen
     }
     precision = resolve_precision(cfg.train.precision, runtime_device)
     with _deterministic(cfg.train.deterministic):
@@ -104,8 +111,9 @@ def evaluate_run(
 
 
 # --------------------------------------------------------------------------- the run
-def read_run_config(run: RunDir) -> ExperimentConfig:
-    """The run's resolved config, validated for the subcommand that trained it."""
+def read_run_config(run: RunDir) -> tuple[ExperimentConfig, str]:
+    """The run's resolved config, validated for the subcommand that trained it, and which of
+    `data.source` / `data.target` the model was built for (finetune: the target)."""
     if not run.path.is_dir():
         raise CheckpointError(f"{run.path}: no such run folder")
     if not run.config_path.is_file():
@@ -114,17 +122,20 @@ def read_run_config(run: RunDir) -> ExperimentConfig:
     if not isinstance(subcommand, str):
         raise CheckpointError(f"{run.meta_path}: has no subcommand")
     cfg = load_config(run.config_path, subcommand=subcommand)
-    if cfg.data.source is None:  # every regime today trains on data.source
-        raise CheckpointError(f"{run.config_path}: has no data.source to rebuild the model from")
-    return cfg
+    trained_key = "target" if subcommand == "finetune" else "source"
+    if getattr(cfg.data, trained_key) is None:
+        raise CheckpointError(
+            f"{run.config_path}: has no data.{trained_key} to rebuild the model from"
+        )
+    return cfg, trained_key
 
 
 def load_method(
-    cfg: ExperimentConfig, source: DatasetSpec, path: Path, device: torch.device
+    cfg: ExperimentConfig, trained: Domain, path: Path, device: torch.device
 ) -> tuple[Method, int]:
     """Rebuild the run's method (as regimes.py does) and load `path`'s `method` state."""
-    model = create_model(cfg.model.backbone, source.input_shape, source.num_classes)
-    method = METHODS[cfg.method.name](model, cfg.method_config)
+    model = create_model(cfg.model.backbone, trained.input_shape, trained.num_classes)
+    method = METHODS[cfg.method.name](model, cfg.method_config, total_steps=cfg.train.steps)
     state = load_checkpoint(path)
     if not isinstance(state.get("method"), dict):
         raise CheckpointError(f"{path}: holds no 'method' state")
@@ -145,16 +156,8 @@ def parse_data(text: str) -> tuple[str, str | None]:
     return dataset, domain or None
 
 
-def resolve_domains(
-    cfg: ExperimentConfig, source: DatasetSpec, data: str | Sequence[str] | None
-) -> list[tuple[DatasetSpec, str]]:
-    """The (data set, domain) pairs to score, each checked against the run's model."""
-    if data is None:
-        pairs = [(source, source.domains[0])]
-        if cfg.data.target is not None:
-            target = get_spec(cfg.data.target.dataset, "data.target.dataset")
-            pairs.append((target, target.domains[0]))
-        return pairs
+def resolve_domains(trained: Domain, data: str | Sequence[str]) -> list[tuple[DatasetSpec, str]]:
+    """The --data (data set, domain) pairs to score, each checked against the run's model."""
     pairs = []
     for text in [data] if isinstance(data, str) else data:
         name, domain = parse_data(text)
@@ -165,11 +168,11 @@ def resolve_domains(
                 f"--data: data set '{name}' has no domain '{domain}' "
                 f"(its domains: {', '.join(spec.domains)})"
             )
-        if spec.input_shape != source.input_shape or spec.num_classes != source.num_classes:
+        if spec.input_shape != trained.input_shape or spec.num_classes != trained.num_classes:
             raise ConfigError(
                 f"--data: {name} has inputs {spec.input_shape} and {spec.num_classes} classes, "
-                f"but the run's model takes {source.input_shape} and {source.num_classes} "
-                f"(trained on {source.name})"
+                f"but the run's model takes {trained.input_shape} and {trained.num_classes} "
+                f"(trained on {trained.name})"
             )
         if any(domain == seen for _, seen in pairs):
             raise ConfigError(f"--data: domain '{domain}' is given twice")
@@ -229,8 +232,7 @@ def collect_features(
     try:
         for domain, parts in eval_sets.items():
             for split_name, part in parts.items():
-                for start in range(0, len(part), batch_size):
-                    x = part.x[start : start + batch_size].to(device)
+                for x, y in part.batches(batch_size, device):
                     captured.clear()
                     with autocast:
                         out = method.predict(x, None)
@@ -241,7 +243,7 @@ def collect_features(
                         )
                     feats.append(captured[0].float().flatten(1).cpu())
                     logits.append(out.float().cpu())
-                labels.append(part.y.cpu())
+                    labels.append(y.cpu())
                 domains += [domain] * len(part)
                 splits += [split_name] * len(part)
     finally:

@@ -2,7 +2,9 @@
 
 Names are `<domain>/<split>/<metric>` (e.g. `mnist5k/test/acc`, `digits/val/loss`). Every
 evaluation scores the val and test splits of every domain, so that any selection rule can be
-recomputed later from metrics.jsonl alone.
+recomputed later from metrics.jsonl alone. A split gives its batches through
+`split.batches(batch_size, device)`: in-memory tensors (uint8 made float per batch) or image
+files decoded by DataLoader workers, both through the domain's eval transforms.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from contextlib import AbstractContextManager
 import torch
 import torch.nn.functional as F
 
-from xdt_cli.data import Split
+from xdt_cli.data import FileSplit, Split
 from xdt_cli.methods.base import Method
 
 
 @torch.no_grad()
 def evaluate_split(
     method: Method,
-    split: Split,
+    split: Split | FileSplit,
     *,
     batch_size: int,
     device: torch.device,
@@ -28,9 +30,7 @@ def evaluate_split(
 ) -> dict[str, float]:
     correct = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, len(split), batch_size):
-        x = split.x[start : start + batch_size].to(device, non_blocking=True)
-        y = split.y[start : start + batch_size].to(device, non_blocking=True)
+    for x, y in split.batches(batch_size, device):
         with autocast:
             logits = method.predict(x, task)
         logits = logits.float()
@@ -42,7 +42,7 @@ def evaluate_split(
 
 def evaluate(
     method: Method,
-    eval_sets: dict[str, dict[str, Split]],
+    eval_sets: dict[str, dict[str, Split | FileSplit]],
     *,
     batch_size: int,
     device: torch.device,

@@ -1,4 +1,9 @@
-"""`xdt datasets` and `xdt methods`: what is registered, as rows for a table or JSON."""
+"""`xdt datasets` and `xdt methods`: what is registered, as rows for a table or JSON.
+
+Both load the plug-ins first, and every row says its origin: the distribution that
+registered it, `xdt` for built-ins. Split sizes are shown for the embedded sets only; the
+others would need their files (see `root`).
+"""
 
 from __future__ import annotations
 
@@ -10,31 +15,29 @@ from rich.table import Table
 
 def dataset_rows() -> list[dict[str, Any]]:
     from xdt_cli.data import DATASETS, load_domain
+    from xdt_cli.data.registry import describe
+    from xdt_cli.plugins import load_plugins
 
+    load_plugins("datasets")
     rows = []
     for spec in DATASETS.values():
-        sizes = {}
-        for domain in spec.domains:
-            splits = load_domain(spec.name, domain).splits
-            sizes[domain] = {name: len(split) for name, split in splits.items()}
-        rows.append(
-            {
-                "name": spec.name,
-                "domains": list(spec.domains),
-                "classes": spec.num_classes,
-                "input_shape": list(spec.input_shape),
-                "size": sum(sum(s.values()) for s in sizes.values()),
-                "splits": sizes,
-                "description": spec.description,
-                "origin": spec.origin,
-            }
-        )
+        row = describe(spec)
+        sizes: dict[str, dict[str, int]] = {}
+        if spec.load is not None:  # in memory: cheap to load and split
+            for domain in spec.domains:
+                splits = load_domain(spec.name, domain).splits
+                sizes[domain] = {name: len(split) for name, split in splits.items()}
+        row["size"] = sum(sum(s.values()) for s in sizes.values()) if sizes else None
+        row["splits"] = sizes
+        rows.append(row)
     return rows
 
 
 def method_rows() -> list[dict[str, Any]]:
     from xdt_cli.methods import METHODS
+    from xdt_cli.plugins import load_plugins, origin
 
+    load_plugins("methods")
     return [
         {
             "name": cls.name,
@@ -42,22 +45,28 @@ def method_rows() -> list[dict[str, Any]]:
             "defaults": cls.Config().model_dump(mode="json"),
             "paper": cls.paper,
             "description": (cls.__doc__ or "").strip().splitlines()[0],
+            "origin": origin("methods", cls.name),
         }
         for cls in METHODS.values()
     ]
 
 
 def _cell(value: Any) -> str:
+    if value is None or value == []:
+        return "-"
     if isinstance(value, dict):
         return ", ".join(f"{k}: {_cell(v)}" for k, v in value.items()) or "-"
     if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):  # an image shape
+            return "x".join(map(str, value))
         return ", ".join(_cell(v) for v in value)
     return str(value)
 
 
 def print_table(title: str, rows: list[dict[str, Any]]) -> None:
     table = Table(title=title, title_justify="left", show_lines=True)
-    columns = [k for k in rows[0] if k != "description"] if rows else []
+    # descriptions and per-domain split sizes are too wide for a table: --json has them
+    columns = [k for k in rows[0] if k not in ("description", "splits")] if rows else []
     for column in columns:
         table.add_column(column)
     for row in rows:

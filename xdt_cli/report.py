@@ -41,7 +41,7 @@ from typing import Any
 
 from xdt_cli.errors import XdtError
 from xdt_cli.runs import read_metrics
-from xdt_cli.selection import get_rule, source_val_criterion
+from xdt_cli.selection import get_rule, val_criterion
 
 FORMATS = ("table", "markdown", "csv", "latex", "json")
 IGNORED_KEYS = frozenset({"seed", "name", "device"})  # what never separates two groups
@@ -351,15 +351,15 @@ def describe_selection(records: Iterable[RunRecord], selection: str) -> str:
             for s in ((r.summary or {}).get("selection") or {} for r in runs)
         }
         return "each run's own rule" + (f" ({', '.join(sorted(own))})" if own else "")
-    if selection == "source_val":
+    if selection in ("source_val", "target_val"):
         criteria = set()
         for r in runs:
             try:
-                metric, mode = source_val_criterion(r.config)
+                metric, mode = val_criterion(r.config, selection.removesuffix("_val"))
             except XdtError:
                 continue
             criteria.add(f"{metric}, {mode}")
-        return "source_val" + (f" ({', '.join(sorted(criteria))})" if criteria else "")
+        return selection + (f" ({', '.join(sorted(criteria))})" if criteria else "")
     return selection
 
 

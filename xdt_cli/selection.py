@@ -20,9 +20,11 @@ order, and `summary` the run's summary.json (only the `summary` rule reads it).
 - `last`: the last eval row.
 - `summary`: whatever the run chose itself: `summary["best"]` at `summary["best_step"]`.
 
-Later paradigms add their rules here: `target_val` (fine-tuning and transfer with target
-labels), `training_domain_val` (domain generalisation: the mean val accuracy of the training
-domains) and `oracle` (the held-out domains' val split).
+- `target_val`: the same with `data.target` (fine-tuning's default; under transfer it reads
+  target labels of the val split, which the user must own, and is reported as such).
+
+Later paradigms add their rules here: `training_domain_val` (domain generalisation: the
+mean val accuracy of the training domains) and `oracle` (the held-out domains' val split).
 """
 
 from __future__ import annotations
@@ -72,20 +74,21 @@ def select(
     return get_rule(name)(config, eval_rows, summary=summary)
 
 
-def source_domain(config: Mapping[str, Any]) -> str:
-    """The source domain's name: `data.source.dataset` (single-domain embedded sets)."""
-    source = (config.get("data") or {}).get("source") or {}
-    dataset = source.get("dataset")
+def source_domain(config: Mapping[str, Any], role: str = "source") -> str:
+    """The name of the `data.<role>` domain: its `dataset` (single-domain embedded sets)."""
+    section = (config.get("data") or {}).get(role) or {}
+    dataset = section.get("dataset")
     if not dataset:
-        raise XdtError("selection 'source_val': the run's config has no data.source.dataset")
+        raise XdtError(f"selection '{role}_val': the run's config has no data.{role}.dataset")
     return str(dataset)
 
 
-def source_val_criterion(config: Mapping[str, Any]) -> tuple[str, str]:
-    """(metric, mode) that `source_val` uses for this run; see the module docstring."""
-    metric, mode = f"{source_domain(config)}/val/acc", None
+def val_criterion(config: Mapping[str, Any], role: str = "source") -> tuple[str, str]:
+    """(metric, mode) that `<role>_val` uses for this run; see the module docstring."""
+    rule = f"{role}_val"
+    metric, mode = f"{source_domain(config, role)}/val/acc", None
     own = config.get("selection") or {}
-    if own.get("rule", "source_val") == "source_val":
+    if own.get("rule", "source_val") == rule:
         metric = own.get("metric") or metric
         mode = own.get("mode")
     return metric, mode or ("min" if metric.endswith("loss") else "max")
@@ -108,19 +111,29 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-@register("source_val")
-def source_val(
-    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
-) -> Row | None:
-    metric, mode = source_val_criterion(config)
+def _best_row(rule: str, metric: str, mode: str, eval_rows: Sequence[Row]) -> Row | None:
     if eval_rows and not any(metric in row for row in eval_rows):
-        raise XdtError(f"selection 'source_val': no eval row holds '{metric}'")
+        raise XdtError(f"selection '{rule}': no eval row holds '{metric}'")
     best_row, best = None, None
     for row in eval_rows:
         value = _value(row, metric)
         if is_better(value, best, mode):
             best_row, best = row, value
     return best_row
+
+
+@register("source_val")
+def source_val(
+    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
+) -> Row | None:
+    return _best_row("source_val", *val_criterion(config, "source"), eval_rows)
+
+
+@register("target_val")
+def target_val(
+    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
+) -> Row | None:
+    return _best_row("target_val", *val_criterion(config, "target"), eval_rows)
 
 
 @register("last")

@@ -1,10 +1,13 @@
-"""The in-memory batch stream: whole-tensor indexing, no per-sample Python.
+"""Training streams: the batch of one domain at step `s`, as a pure function of (seed, s).
 
-The batch at step `s` is a pure function of (seed, s): epoch `e = s // batches_per_epoch`
-uses the permutation drawn by a generator seeded with (seed, e), and the last incomplete
-batch of each epoch is dropped. So the data order needs no state of its own to resume: the
-step alone restores it, bit for bit, and the checkpoint records (seed, size, batch size)
-only to check that it resumes the same stream.
+Epoch `e = s // batches_per_epoch` uses the permutation drawn by a generator seeded with
+(seed, e), and the last incomplete batch of each epoch is dropped. So the data order needs
+no state of its own to resume: the step alone restores it, bit for bit, and the checkpoint
+records (seed, size, batch size) only to check that it resumes the same stream.
+
+`InMemoryStream` indexes whole tensors on the device (no per-sample Python) and runs the
+train transforms on the batch there; image files are streamed by `disk.FileStream`, which
+keeps the same contract. `make_stream` picks the right one for a split.
 """
 
 from __future__ import annotations
@@ -28,7 +31,25 @@ class DomainBatch:
     task: str | None = None
 
 
+def epoch_permutation(seed: int, epoch: int, size: int) -> Tensor:
+    """The order of the samples in `epoch` (on the CPU), the same on every machine."""
+    # torch seeds are 64-bit; wrapping keeps any config seed valid
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
+    return torch.randperm(size, generator=gen)
+
+
+def check_batch_size(size: int, batch_size: int, domain: str) -> None:
+    if size < batch_size:
+        raise ConfigError(
+            f"train.batch_size: {batch_size} is larger than the {size} training samples "
+            f"of domain '{domain}'"
+        )
+
+
 class InMemoryStream:
+    """Batches cut from tensors held on the device; `transform` (the split's train
+    transforms) runs on each batch, with the global RNG, which checkpoints restore."""
+
     def __init__(
         self,
         x: Tensor,
@@ -39,12 +60,9 @@ class InMemoryStream:
         domain: str,
         device: torch.device,
         task: str | None = None,
+        transform: Any = None,
     ) -> None:
-        if len(x) < batch_size:
-            raise ConfigError(
-                f"train.batch_size: {batch_size} is larger than the {len(x)} training samples "
-                f"of domain '{domain}'"
-            )
+        check_batch_size(len(x), batch_size, domain)
         self.x = x.to(device)
         self.y = y.to(device) if y is not None else None
         self.batch_size = batch_size
@@ -52,15 +70,14 @@ class InMemoryStream:
         self.domain = domain
         self.task = task
         self.device = device
+        self.transform = transform
         self.batches_per_epoch = len(x) // batch_size
         self._epoch = -1
         self._perm: Tensor | None = None
 
     def _permutation(self, epoch: int) -> Tensor:
-        if epoch != self._epoch:
-            # torch seeds are 64-bit; wrapping keeps any config seed valid
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
-            self._perm = torch.randperm(len(self.x), generator=gen).to(self.device)
+        if epoch != self._epoch or self._perm is None:
+            self._perm = epoch_permutation(self.seed, epoch, len(self.x)).to(self.device)
             self._epoch = epoch
         return self._perm
 
@@ -68,7 +85,9 @@ class InMemoryStream:
         epoch, i = divmod(step, self.batches_per_epoch)
         idx = self._permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
         y = self.y[idx] if self.y is not None else None
-        return DomainBatch(x=self.x[idx], y=y, domain=self.domain, task=self.task)
+        x = self.x[idx]
+        x = self.transform(x) if self.transform is not None else x
+        return DomainBatch(x=x, y=y, domain=self.domain, task=self.task)
 
     def state_dict(self) -> dict[str, int | str]:
         return {
@@ -88,14 +107,15 @@ def make_stream(
     device: torch.device,
     labelled: bool = True,
     task: str | None = None,
-) -> InMemoryStream:
-    """The training stream of one split; `labelled=False` drops the labels (y is None)."""
-    return InMemoryStream(
-        split.x,
-        split.y if labelled else None,
+) -> Any:
+    """The training stream of one split (in memory or image files); `labelled=False` drops
+    the labels (y is None). Every stream has `batch(step) -> DomainBatch` and
+    `state_dict()`."""
+    return split.stream(
         batch_size=batch_size,
         seed=seed,
         domain=domain,
         device=device,
+        labelled=labelled,
         task=task,
     )

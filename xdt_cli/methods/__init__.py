@@ -23,3 +23,18 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 from xdt_cli.methods import erm  # noqa: E402, F401  (registers itself)
+
+# One import line per method, so that adding a method never edits a shared line; isort
+# would merge them into one statement.
+# isort: off
+from xdt_cli.methods import cdan  # noqa: E402, F401
+from xdt_cli.methods import dan  # noqa: E402, F401
+from xdt_cli.methods import dann  # noqa: E402, F401
+from xdt_cli.methods import deep_coral  # noqa: E402, F401
+from xdt_cli.methods import mcc  # noqa: E402, F401
+from xdt_cli.methods import source_only  # noqa: E402, F401
+from xdt_cli.methods import adabn  # noqa: E402, F401
+from xdt_cli.methods import self_training  # noqa: E402, F401
+from xdt_cli.methods import l2sp  # noqa: E402, F401
+from xdt_cli.methods import bss  # noqa: E402, F401
+from xdt_cli.methods import delta  # noqa: E402, F401

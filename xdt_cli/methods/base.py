@@ -38,7 +38,7 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     paper: ClassVar[str] = ""
 
-    def __init__(self, model: Classifier, config: MethodConfig, *, total_steps: int = 1) -> None:
+    def __init__(self, model: Classifier, config: MethodConfig, *, total_steps: int) -> None:
         super().__init__()
         self.model = model
         self.config = config

@@ -26,7 +26,7 @@ class ERM(Method):
     """
 
     name = "erm"
-    regimes = frozenset({"train-source"})
+    regimes = frozenset({"train-source", "finetune"})
     Config = ERMConfig
     paper = "Vapnik, Statistical Learning Theory, 1998"
 

@@ -1,0 +1,287 @@
+"""Plug-ins: a package written at test time (a module plus a dist-info folder with
+entry_points.txt, put on sys.path) registers a method, a data set and a backbone through the
+entry-point groups xdt.methods, xdt.datasets and xdt.backbones. Also the optional timm
+backbones (`timm:<name>`), with a stand-in module where timm is not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import write_config
+from xdt_cli import plugins
+from xdt_cli.data import DATASETS
+from xdt_cli.errors import ConfigError
+from xdt_cli.methods import METHODS
+from xdt_cli.models import BACKBONES, create_model
+
+torch.set_num_threads(1)
+DIST = "xdt-demo-plugins"
+
+MODULE = '''
+"""A tiny third-party package for xdt: one data set, one backbone, one method."""
+import torch
+from torch import nn
+
+from xdt_cli.data import DatasetSpec
+from xdt_cli.methods.erm import ERM
+
+
+def _squares(domain):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(90) % 3
+    x = torch.rand(90, 1, 12, 12, generator=g) * 0.4
+    x[:, :, 4 * 0 : 4, :] += (y == 0).float().view(-1, 1, 1, 1) * 0.6
+    x[:, :, 4:8, :] += (y == 1).float().view(-1, 1, 1, 1) * 0.6
+    x[:, :, 8:12, :] += (y == 2).float().view(-1, 1, 1, 1) * 0.6
+    return x, y
+
+
+SQUARES = DatasetSpec(
+    name="squares",
+    description="bright rows in grey 12x12 noise, 3 classes",
+    domains=("squares",),
+    num_classes=3,
+    input_shape=(1, 12, 12),
+    load=_squares,
+)
+
+
+def tiny_mlp(channels):
+    """A flat two-layer perceptron."""
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(16), nn.ReLU())
+
+
+class PluggedERM(ERM):
+    """ERM, registered by a plug-in."""
+
+    name = "plugged_erm"
+'''
+
+
+def make_package(site: Path, entry_points: str, module: str = MODULE) -> Path:
+    """A module and its dist-info, as pip would install them, in `site`."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "xdt_demo_plugins.py").write_text(textwrap.dedent(module))
+    info = site / "xdt_demo_plugins-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {DIST}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+    return site
+
+
+ALL_THREE = """
+    [xdt.datasets]
+    squares = xdt_demo_plugins:SQUARES
+
+    [xdt.backbones]
+    tiny_mlp = xdt_demo_plugins:tiny_mlp
+
+    [xdt.methods]
+    plugged_erm = xdt_demo_plugins:PluggedERM
+"""
+
+
+@pytest.fixture
+def isolated(monkeypatch: pytest.MonkeyPatch):
+    """Registries and the plug-in loader as they were before the test."""
+    import xdt_cli.data.registry as registry
+
+    for name, value in (("_loaded_kinds", set()), ("_loaded_points", set())):
+        monkeypatch.setattr(plugins, name, value)
+    monkeypatch.setattr(plugins, "ORIGINS", {kind: {} for kind in plugins.GROUPS})
+    saved = [(d, dict(d)) for d in (DATASETS, METHODS, BACKBONES)]
+    yield
+    for registry_dict, before in saved:
+        registry_dict.clear()
+        registry_dict.update(before)
+    registry._load_raw.cache_clear()
+    sys.modules.pop("xdt_demo_plugins", None)
+
+
+@pytest.fixture
+def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated) -> Path:
+    site = make_package(tmp_path / "site", ALL_THREE)
+    monkeypatch.syspath_prepend(str(site))
+    return site
+
+
+def test_entry_points_register_a_data_set_a_backbone_and_a_method(installed) -> None:
+    plugins.load_plugins("datasets")
+    plugins.load_plugins("backbones")
+    plugins.load_plugins("methods")
+    assert DATASETS["squares"].origin == DIST
+    assert BACKBONES["tiny_mlp"].origin == DIST
+    assert BACKBONES["tiny_mlp"].description == "A flat two-layer perceptron."
+    assert plugins.origin("methods", "plugged_erm") == DIST
+    assert plugins.origin("methods", "erm") == "xdt" and DATASETS["digits"].origin == "xdt"
+    model = create_model("tiny_mlp", (1, 12, 12), 3)
+    assert model.feature_dim == 16 and model(torch.rand(2, 1, 12, 12)).shape == (2, 3)
+
+
+def test_plugins_are_loaded_once(installed) -> None:
+    plugins.load_plugins("datasets")
+    plugins.load_plugins("datasets")  # no "registered twice"
+    assert list(DATASETS).count("squares") == 1
+
+
+def test_the_listings_show_each_entry_with_its_origin(cli, installed) -> None:
+    datasets = {r["name"]: r for r in json.loads(cli("datasets", "--json").stdout)}
+    assert datasets["squares"]["origin"] == DIST and datasets["squares"]["size"] == 90
+    assert datasets["mnist5k"]["origin"] == "xdt"
+    methods = {r["name"]: r for r in json.loads(cli("methods", "--json").stdout)}
+    assert methods["plugged_erm"]["origin"] == DIST and methods["erm"]["origin"] == "xdt"
+    assert methods["plugged_erm"]["subcommands"] == ["finetune", "train-source"]
+
+
+def test_a_run_on_a_plugged_data_set_and_backbone(cli, installed, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "plugged.yaml",
+        {
+            "data": {"source": {"dataset": "squares"}},
+            "model": {"backbone": "tiny_mlp"},
+            "optim": {"name": "adam", "lr": 0.01},
+            "train": {"steps": 20, "batch_size": 16, "eval_every": 20, "log_every": 10},
+        },
+    )
+    result = cli("train-source", config, "--json", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed" and "squares/test/acc" in summary["final"]
+
+
+def test_a_run_with_a_plugged_method(cli, installed, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "method.yaml",
+        {
+            "data": {"source": {"dataset": "squares"}},
+            "model": {"backbone": "tiny_mlp"},
+            "method": {"name": "plugged_erm", "label_smoothing": 0.1},
+            "train": {"steps": 10, "batch_size": 16, "eval_every": 10, "log_every": 10},
+        },
+    )
+    result = cli("train-source", config, "--json", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("entry_points", "module", "needle"),
+    [
+        (
+            "[xdt.datasets]\nbroken = xdt_demo_plugins:SQUARES\n",
+            "raise ImportError('numpy 3 is required')\n",
+            f"plug-in 'broken' ({DIST}; xdt.datasets = xdt_demo_plugins:SQUARES) failed to "
+            "load (ImportError: numpy 3 is required)",
+        ),
+        (
+            "[xdt.datasets]\nmissing = xdt_demo_plugins:NOTHING\n",
+            MODULE,
+            "plug-in 'missing' (xdt-demo-plugins; xdt.datasets = xdt_demo_plugins:NOTHING) "
+            "failed to load (AttributeError",
+        ),
+        (
+            "[xdt.datasets]\nwrong = xdt_demo_plugins:tiny_mlp\n",
+            MODULE,
+            "gave function; expected a DatasetSpec",
+        ),
+        (
+            "[xdt.backbones]\nlenet = xdt_demo_plugins:tiny_mlp\n",
+            MODULE,
+            "plug-in 'lenet' (xdt-demo-plugins; xdt.backbones = xdt_demo_plugins:tiny_mlp): "
+            "backbone 'lenet' is registered twice",
+        ),
+    ],
+)
+def test_a_broken_plugin_is_one_line_naming_it(
+    tmp_path, monkeypatch, isolated, entry_points: str, module: str, needle: str
+) -> None:
+    monkeypatch.syspath_prepend(str(make_package(tmp_path / "site", entry_points, module)))
+    kind = "backbones" if "xdt.backbones" in entry_points else "datasets"
+    with pytest.raises(ConfigError) as info:
+        plugins.load_plugins(kind)
+    (line,) = info.value.lines
+    assert needle in line, line
+
+
+def test_a_broken_plugin_makes_xdt_datasets_exit_2(cli, tmp_path, monkeypatch, isolated) -> None:
+    site = make_package(
+        tmp_path / "site", "[xdt.datasets]\nbroken = xdt_demo_plugins:X\n", "import nonexistent\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    result = cli("datasets")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "plug-in 'broken'" in result.stderr and "ModuleNotFoundError" in result.stderr
+
+
+def test_a_separately_installed_package_is_found_by_the_xdt_command(tmp_path: Path) -> None:
+    """The real thing: a new process whose path holds the package, as after pip install."""
+    site = make_package(tmp_path / "site", ALL_THREE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    out = subprocess.run(
+        [sys.executable, "-m", "xdt_cli", "datasets", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    assert rows["squares"]["origin"] == DIST and rows["squares"]["classes"] == 3
+
+
+# --------------------------------------------------------------------------- timm
+def fake_timm() -> types.ModuleType:
+    """What xdt uses of timm: is_model, list_models and create_model(num_classes=0)."""
+    module = types.ModuleType("timm")
+
+    def create_model(name, pretrained=False, num_classes=1000, in_chans=3):
+        assert not pretrained and num_classes == 0
+        model = nn.Sequential(nn.Conv2d(in_chans, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        model.num_features = 8
+        return model
+
+    module.is_model = lambda name: name == "tiny_vit"
+    module.list_models = lambda: ["tiny_vit", "resnet18"]
+    module.create_model = create_model
+    return module
+
+
+def test_a_timm_backbone_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", fake_timm())
+    model = create_model("timm:tiny_vit", (1, 16, 16), 4)
+    assert model.feature_dim == 8 and model(torch.rand(3, 1, 16, 16)).shape == (3, 4)
+    with pytest.raises(ConfigError) as info:
+        create_model("timm:tiny_vitt", (3, 16, 16), 4)
+    assert info.value.lines == [
+        "model.backbone: timm has no model 'tiny_vitt' (did you mean 'timm:tiny_vit'?)"
+    ]
+
+
+def test_timm_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ConfigError) as info:
+        create_model("timm:resnet18", (3, 32, 32), 10)
+    assert info.value.lines == [
+        "model.backbone: 'timm:resnet18' needs the optional package timm (pip install timm)"
+    ]
+
+
+def test_an_unknown_backbone_lists_the_registered_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        create_model("brief_cn", (3, 32, 32), 10)
+    (line,) = info.value.lines
+    assert line.startswith(
+        "model.backbone: unknown backbone 'brief_cn' (did you mean 'brief_cnn'?)"
+    )
+    assert "lenet, cnn, brief_cnn, timm:<name> or a torchvision" in line
