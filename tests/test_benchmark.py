@@ -76,3 +76,72 @@ def test_unknown_suite_and_bad_suite_file_exit_2(tmp_path: Path) -> None:
     bad.write_text("sweeps: [x.yaml]\nmetricz: [a]\n")
     result = runner.invoke(app, ["benchmark", str(bad)])
     assert result.exit_code == 2 and "metricz" in result.stderr
+
+
+def test_comparison_and_held_out_domain_tables(tmp_path: Path) -> None:
+    """The two cross-sweep tables compute their cells from the runs' own chosen rows."""
+    write_config(tmp_path / "tiny.yaml", TINY)
+    generalize = {
+        "data": {"dataset": "colored_mnist5k"},
+        "model": {"backbone": "lenet"},
+        "train": {"steps": 4, "batch_size": 16, "eval_every": 4},
+    }
+    write_config(tmp_path / "dg.yaml", generalize)
+    sweeps = {
+        "base.yaml": {"config": "tiny.yaml", "overrides": ["train.steps=6"], "seeds": [0]},
+        "more.yaml": {"config": "tiny.yaml", "overrides": ["train.steps=20"], "seeds": [0, 1]},
+        "top.yaml": {"config": "tiny.yaml", "overrides": ["train.steps=40"], "seeds": [0]},
+    }
+    for name, spec in sweeps.items():
+        (tmp_path / name).write_text(yaml.safe_dump(spec))
+    dg_sweep = {
+        "subcommand": "generalize",
+        "config": "dg.yaml",
+        "grid": {"data.test_domains": [["env90"], ["env10"]]},
+        "seeds": [0, 1],
+    }
+    (tmp_path / "dgs.yaml").write_text(yaml.safe_dump(dg_sweep))
+    suite = {
+        "sweeps": ["base.yaml", "more.yaml", "top.yaml", "dgs.yaml"],
+        "selection": "last",
+        "tables": [
+            {
+                "title": "cmp",
+                "metric": "digits/test/acc",
+                "rows": ["base", "more", "top"],
+                "baseline": "base",
+                "ceiling": "top",
+            },
+            {"title": "dg", "kind": "held_out_domains", "metric": "test/acc", "rows": ["dgs"]},
+        ],
+    }
+    path = tmp_path / "tables.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    runs, doc = tmp_path / "runs", tmp_path / "B.md"
+    args = ["benchmark", str(path), "--runs-dir", str(runs), "--doc", str(doc), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+
+    def finals(sweep: str, metric: str) -> dict[str, float]:
+        out = {}
+        for p in sorted((runs / sweep).glob("*/summary.json")):
+            out[p.parent.name] = json.loads(p.read_text())["final"][metric]
+        return out
+
+    text = doc.read_text()
+    base = statistics.mean(finals("base", "digits/test/acc").values())
+    more = statistics.mean(finals("more", "digits/test/acc").values())
+    top = statistics.mean(finals("top", "digits/test/acc").values())
+    gap = f"{100 * (more - base) / (top - base):.0f}%"
+    assert f"| `more` | 2 | {more:.4f} ± " in text
+    assert f"| {100 * (more - base):+.1f} | {gap} |" in text
+    # held-out columns: a run reports every domain, but counts only for the one it held out
+    env10 = [v for k, v in finals("dgs", "env10/test/acc").items() if "env10" in k]
+    env90 = [v for k, v in finals("dgs", "env90/test/acc").items() if "env90" in k]
+    avg = [(a + b) / 2 for a, b in zip(env90, env10, strict=True)]  # per seed, then over seeds
+    cells = [
+        f"{100 * statistics.mean(v):.1f} ± {100 * statistics.stdev(v):.1f}"
+        for v in (env90, env10, avg)
+    ]
+    assert "| run | env90 | env10 | avg |" in text
+    assert f"| `dgs` | {cells[0]} | {cells[1]} | {cells[2]} |" in text

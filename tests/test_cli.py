@@ -190,7 +190,7 @@ def test_datasets_and_methods(cli) -> None:
     table = cli("datasets")
     assert table.exit_code == 0 and "mnist5k" in table.stdout and "5000" in table.stdout
     methods = {r["name"]: r for r in json.loads(cli("methods", "--json").stdout)}
-    assert methods["erm"]["subcommands"] == ["finetune", "train-source"]
+    assert methods["erm"]["subcommands"] == ["finetune", "generalize", "train-source"]
     assert methods["dann"]["subcommands"] == ["transfer"]
     assert methods["erm"]["defaults"] == {"label_smoothing": 0.0}
     assert "erm" in cli("methods").stdout

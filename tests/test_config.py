@@ -489,8 +489,8 @@ def test_method_hyper_parameters_are_checked_by_the_methods_config(tmp_path: Pat
 
 def test_a_method_that_does_not_serve_the_subcommand_is_refused(tmp_path: Path) -> None:
     path = config_file(tmp_path)
-    (line,) = problems(path, subcommand="generalize")
-    assert line.startswith(f"{path}: method.name: 'erm' does not serve generalize")
+    (line,) = problems(path, subcommand="transfer")
+    assert line.startswith(f"{path}: method.name: 'erm' does not serve transfer")
 
 
 # --------------------------------------------------------------------------- consistency

@@ -39,21 +39,32 @@ def test_readme_quick_start_is_two_commands_and_ci_runs_the_second() -> None:
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
-def shipped_configs() -> list[tuple[Path, str]]:
-    """Every runnable shipped config and the subcommand it is for: the last `xdt <subcommand>`
-    its comments show (a config that needs a source run shows that command first); none
-    shown means train-source. `_base.yaml` files are partial configs that others extend."""
+def shipped_configs() -> list[tuple[Path, str, list[str]]]:
+    """Every runnable shipped config, the subcommand it is for and the overrides it needs,
+    from the `xdt <subcommand> <config> [key=value ...]` commands its comments show: the
+    subcommand of the last one (a config that needs a source run shows that command first),
+    the overrides of the first one of that subcommand. None shown means train-source.
+    `_*.yaml` files are partial configs that others extend."""
     found = []
     for path in sorted((ROOT / "configs").rglob("*.yaml")):
         if "sweeps" in path.parts or path.name.startswith("_"):
             continue
-        commands = re.findall(r"xdt (train-source|finetune|transfer) ", path.read_text())
-        found.append((path, commands[-1] if commands else "train-source"))
+        commands = re.findall(
+            r"xdt (train-source|finetune|transfer|multitask|generalize) (\S+)(.*)",
+            path.read_text(),
+        )
+        if not commands:
+            found.append((path, "train-source", []))
+            continue
+        subcommand = commands[-1][0]  # its first such command carries the overrides it needs
+        rest = next(c[2] for c in commands if c[0] == subcommand)
+        overrides = [t for t in rest.split() if "=" in t and not t.startswith("-")]
+        found.append((path, subcommand, overrides))
     return found
 
 
 def test_every_shipped_config_validates() -> None:
     configs = shipped_configs()
     assert len(configs) > 20
-    for path, subcommand in configs:
-        load_config(path, subcommand=subcommand)
+    for path, subcommand, overrides in configs:
+        load_config(path, overrides, subcommand=subcommand)

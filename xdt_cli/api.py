@@ -6,19 +6,23 @@ is here, so scripts and notebooks can call `start_run` and `resume_run` directly
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from xdt_cli.config import dump_config, load_config
+from xdt_cli.config import _read_with_bases, apply_overrides, dump_config, load_config
 from xdt_cli.engine import Engine
-from xdt_cli.errors import CheckpointError
+from xdt_cli.errors import CheckpointError, ConfigError, XdtError
 from xdt_cli.files import atomic_write_text
 from xdt_cli.progress import Reporter
 from xdt_cli.regimes import build_experiment
-from xdt_cli.runs import RunDir, create_run_dir, default_runs_dir, make_meta
+from xdt_cli.runs import RunDir, check_run_name, create_run_dir, default_runs_dir, make_meta
 from xdt_cli.runtime import Runtime, resolve_precision
+from xdt_cli.selection import select
 
 
 def start_run(
@@ -62,6 +66,8 @@ def start_run(
         precision = resolve_precision(cfg.train.precision, runtime.device)
         meta = make_meta(subcommand, str(runtime.device), precision, argv or sys.argv)
         run.write_json(run.meta_path, meta)
+        for file_name, content in experiment.run_files.items():
+            run.write_json(path / file_name, content)
         reporter.message(f"run folder: {path}  (device {runtime.device}, {precision})")
     for note in experiment.notes:
         reporter.message(note)
@@ -132,3 +138,224 @@ def _fit(engine: Engine, reporter: Reporter, run: RunDir | None) -> dict[str, An
             run.unlock()
     reporter.summary_table(summary, str(run.path) if run else None)
     return summary
+
+
+# --------------------------------------------------------------------------- leave-one-out
+LOO_PLAN = "leave_one_out.json"
+# rules recomputed for the parent's table besides the run's own (selection.py)
+TABLE_RULES = ("training_domain_val", "oracle", "last")
+
+
+def start_leave_one_out(
+    config: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    name: str | None = None,
+    runs_dir: str | Path | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """`xdt generalize CONFIG --leave-one-out`: one child run per domain, holding it out.
+
+    Children are `<run>/<domain>/` (under `selection.rule: leave_one_domain_out`, one child
+    `<run>/<test>-<val>/` per test domain and validation domain). The parent's summary.json
+    holds `<domain>/test/acc` per held-out domain and `avg/test/acc` under the run's rule, and
+    `tables` recomputes the DomainBed-style table under the other rules; table.md has it in
+    markdown. Calling it again with the same `--name` skips finished children and resumes
+    interrupted ones.
+    """
+    reporter = reporter or Reporter()
+    overrides = list(overrides)
+    flags = {"seed": seed, "device": device}
+    folds, rule = _leave_one_out_folds(Path(config), overrides)
+    configs = [
+        load_config(config, [*overrides, _held_out(fold)], subcommand="generalize", flags=flags)
+        for fold in folds
+    ]
+    runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    plan = {
+        "config": str(Path(config).resolve()),
+        "overrides": overrides,
+        "seed": seed,
+        "device": device,
+        "rule": rule,
+        "folds": [list(f) for f in folds],
+    }
+    parent = _leave_one_out_dir(runs_root, configs[0].name or "generalize", name, overwrite, plan)
+    started = time.perf_counter()
+    summaries: dict[str, dict[str, Any]] = {}
+    for i, fold in enumerate(folds):
+        child = "-".join(fold)
+        reporter.message(f"leave-one-out {i + 1}/{len(folds)}: holding out {', '.join(fold)}")
+        summaries[child] = _run_child(
+            config, [*overrides, _held_out(fold)], parent, child, flags, reporter, argv
+        )
+    summary = leave_one_out_summary(parent, folds, rule, summaries)
+    summary["wall_time_s"] = round(time.perf_counter() - started, 3)
+    RunDir(parent).write_json(parent / "summary.json", summary)
+    (parent / "table.md").write_text(summary["table"], encoding="utf-8")
+    reporter.message(summary["table"])
+    return summary
+
+
+def _held_out(fold: tuple[str, ...]) -> str:
+    return f"data.test_domains=[{', '.join(fold)}]"
+
+
+def _leave_one_out_folds(path: Path, overrides: list[str]) -> tuple[list[tuple[str, ...]], str]:
+    """The held-out domain(s) of each child, and the selection rule."""
+    from xdt_cli.data.registry import get_spec
+
+    merged = apply_overrides(_read_with_bases(path), overrides)
+    data = merged.get("data") if isinstance(merged.get("data"), dict) else {}
+    if data.get("test_domains"):
+        raise ConfigError(
+            "data.test_domains: --leave-one-out holds out every domain in turn; leave it out"
+        )
+    dataset = data.get("dataset")
+    if not isinstance(dataset, str):
+        raise ConfigError("data.dataset: required by generalize (e.g. rotated_mnist5k)")
+    domains = data.get("domains") or list(get_spec(dataset, "data.dataset").domains)
+    if not isinstance(domains, list) or len(domains) < 2:
+        raise ConfigError("data.domains: --leave-one-out needs two domains or more")
+    selection = merged.get("selection") if isinstance(merged.get("selection"), dict) else {}
+    rule = str(selection.get("rule") or "training_domain_val")
+    if rule == "leave_one_domain_out":
+        if len(domains) < 3:
+            raise ConfigError(
+                "selection.rule: leave_one_domain_out needs three domains or more "
+                "(a test domain, a validation domain and one to train on)"
+            )
+        return [(t, v) for t in domains for v in domains if v != t], rule
+    return [(str(t),) for t in domains], rule
+
+
+def _leave_one_out_dir(
+    runs_root: Path, config_name: str, name: str | None, overwrite: bool, plan: dict[str, Any]
+) -> Path:
+    """The parent folder: new, or (same --name, same plan) the one to continue."""
+    if name is not None:
+        path = runs_root / check_run_name(name)
+        plan_path = path / LOO_PLAN
+        if path.exists() and plan_path.is_file():
+            if overwrite:
+                shutil.rmtree(path)
+            else:
+                previous = json.loads(plan_path.read_text(encoding="utf-8"))
+                if previous != plan:
+                    raise XdtError(
+                        f"--name: {path} holds a leave-one-out run of another config, overrides "
+                        "or seed; use another --name, or --overwrite to replace it"
+                    )
+                return path
+    path = create_run_dir(runs_root, "generalize", config_name, name, overwrite)
+    RunDir(path).write_json(path / LOO_PLAN, plan)
+    return path
+
+
+def _run_child(
+    config: str | Path,
+    overrides: list[str],
+    parent: Path,
+    child: str,
+    flags: dict[str, Any],
+    reporter: Reporter,
+    argv: list[str] | None,
+) -> dict[str, Any]:
+    run = RunDir(parent / child)
+    if run.summary_path.is_file():
+        summary = run.read_json(run.summary_path)
+        if summary.get("status") in ("completed", "failed"):
+            reporter.message(f"{run.path}: already {summary['status']}; skipped")
+            return summary
+    if run.config_path.is_file() and run.meta_path.is_file():
+        return resume_run(run.path, reporter=reporter, argv=argv)[0]
+    if run.path.exists():  # claimed but never started (stopped before config.yaml)
+        shutil.rmtree(run.path)
+    return start_run(
+        "generalize",
+        config,
+        overrides,
+        name=child,
+        runs_dir=parent,
+        device=flags["device"],
+        seed=flags["seed"],
+        reporter=reporter,
+        argv=argv,
+    )
+
+
+def leave_one_out_summary(
+    parent: Path, folds: list[tuple[str, ...]], rule: str, summaries: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The parent's summary: per held-out domain the test accuracy of the checkpoint each
+    rule picks (averaged over a domain's folds under leave_one_domain_out), and the mean."""
+    from xdt_cli.config import read_yaml
+    from xdt_cli.runs import read_metrics
+
+    domains = list(dict.fromkeys(fold[0] for fold in folds))
+    rules = [rule, *(r for r in TABLE_RULES if r != rule)]
+    tables: dict[str, dict[str, float | None]] = {}
+    for r in rules:
+        per_domain: dict[str, float | None] = {}
+        for t in domains:
+            values = []
+            for fold in (f for f in folds if f[0] == t):
+                child = parent / "-".join(fold)
+                summary = summaries["-".join(fold)]
+                if summary.get("status") != "completed":
+                    continue
+                if r == rule:
+                    row = summary.get("best") or {}
+                else:
+                    rows = [
+                        x for x in read_metrics(child / "metrics.jsonl") if x["split"] == "eval"
+                    ]
+                    row = select(r, read_yaml(child / "config.yaml"), rows) or {}
+                if f"{t}/test/acc" in row:
+                    values.append(float(row[f"{t}/test/acc"]))
+            count = len([f for f in folds if f[0] == t])
+            per_domain[t] = sum(values) / len(values) if len(values) == count else None
+        known = [v for v in per_domain.values() if v is not None]
+        per_domain["avg"] = sum(known) / len(known) if len(known) == len(domains) else None
+        tables[r] = per_domain
+    own = tables[rule]
+    best = {f"{t}/test/acc": own[t] for t in domains}
+    best["avg/test/acc"] = own["avg"]
+    final = {}
+    for t in domains:
+        lasts = [summaries["-".join(f)].get("final", {}).get(f"{t}/test/acc") for f in folds]
+        lasts = [v for f, v in zip(folds, lasts, strict=True) if f[0] == t and v is not None]
+        final[f"{t}/test/acc"] = sum(lasts) / len(lasts) if lasts else None
+    complete = all(s.get("status") == "completed" for s in summaries.values())
+    first = next(iter(summaries.values()), {})
+    return {
+        "status": "completed" if complete else "failed",
+        "subcommand": "generalize",
+        "leave_one_out": True,
+        "domains": domains,
+        "selection": first.get("selection", {"rule": rule}),
+        "best": best,
+        "final": final,
+        "tables": tables,
+        "table": render_table(tables, domains, rule),
+        "children": {child: s.get("status") for child, s in summaries.items()},
+        "steps": first.get("steps"),
+        "run_dir": str(parent),
+    }
+
+
+def render_table(tables: dict[str, dict[str, float | None]], domains: list[str], own: str) -> str:
+    """DomainBed's results table: test accuracy (%) of each held-out domain and the mean,
+    one row per selection rule (the run's own first)."""
+    head = ["selection", *domains, "avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r, values in tables.items():
+        label = f"{r} (the run's rule)" if r == own else r
+        cells = ["-" if values[k] is None else f"{100 * values[k]:.1f}" for k in [*domains, "avg"]]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    note = "test accuracy (%) of each held-out domain; oracle reads the held-out val split"
+    return "\n".join([*lines, "", note, ""])

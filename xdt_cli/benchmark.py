@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -46,7 +46,15 @@ class TableSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     title: str
-    metric: str = Field(description="e.g. mnist5k/test/acc")
+    kind: Literal["comparison", "held_out_domains"] = Field(
+        "comparison",
+        description="held_out_domains: a DomainBed-style table, one column per held-out "
+        "domain (each run's data.test_domains[0]) plus their average",
+    )
+    metric: str = Field(
+        description="e.g. mnist5k/test/acc; for held_out_domains the part after the domain, "
+        "e.g. test/acc"
+    )
     rows: list[str] = Field(min_length=1, description="sweep names, in table order")
     baseline: str | None = None
     ceiling: str | None = None
@@ -159,7 +167,8 @@ def run_benchmark(
             )
         train_time += sum(float((r.summary or {}).get("wall_time_s", 0.0)) for r in records)
     for spec in suite.tables:
-        tables.append((spec.title, comparison_table(spec, records_of, suite.selection)))
+        make = held_out_table if spec.kind == "held_out_domains" else comparison_table
+        tables.append((spec.title, make(spec, records_of, suite.selection)))
     section = _section(suite, jobs, tables, elapsed, train_time)
     write_section(doc, suite.name, section)
     return {
@@ -262,3 +271,58 @@ def _sweep_stats(records: list, metric: str, rule: str) -> dict[str, Any]:
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "wall": statistics.mean(walls) if walls else 0.0,
     }
+
+
+def held_out_table(spec: TableSpec, records_of: dict[str, list], selection: str) -> str:
+    """Rows: sweeps; columns: the held-out domains and their average, each mean ± std over
+    seeds of `<domain>/<metric>` at the step the rule chose. The average is taken per seed
+    over the domains, then over seeds (as DomainBed averages over trials)."""
+    rule = spec.selection or selection
+    domains: list[str] = []
+    cells: dict[str, dict[str, dict[int, float]]] = {}  # sweep -> domain -> seed -> value
+    for name in spec.rows:
+        for r in (r for r in records_of[name] if r.completed):
+            held = (r.config.get("data") or {}).get("test_domains") or []
+            if not held:
+                continue
+            domain, seed = held[0], int(r.config.get("seed", 0))
+            value = (r.choose(rule) or {}).get(f"{domain}/{spec.metric}")
+            if isinstance(value, int | float) and math.isfinite(value):
+                cells.setdefault(name, {}).setdefault(domain, {})[seed] = float(value)
+                if domain not in domains:
+                    domains.append(domain)
+    domains = _in_data_set_order(domains, records_of[spec.rows[0]])
+    header = ["run", *domains, "avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in spec.rows:
+        row = cells.get(name, {})
+        out = [f"`{name}`"]
+        for domain in domains:
+            values = list(row.get(domain, {}).values())
+            out.append(_pm(values))
+        seeds = set.intersection(*(set(row.get(d, {})) for d in domains)) if domains else set()
+        per_seed = [statistics.mean(row[d][s] for d in domains) for s in sorted(seeds)]
+        out.append(_pm(per_seed))
+        lines.append("| " + " | ".join(out) + " |")
+    note = f"Metric `<domain>/{spec.metric}`, selection: `{rule}`."
+    lines += ["", note + (f" {spec.note.strip()}" if spec.note else "")]
+    return "\n".join(lines) + "\n"
+
+
+def _in_data_set_order(domains: list[str], records: list) -> list[str]:
+    """The domains in their data set's own order (rot0, rot15, ...) when it is registered."""
+    from xdt_cli.data import DATASETS
+
+    dataset = next(((r.config.get("data") or {}).get("dataset") for r in records), None)
+    spec = DATASETS.get(dataset) if isinstance(dataset, str) else None
+    if spec is None:
+        return domains
+    order = {d: i for i, d in enumerate(spec.domains)}
+    return sorted(domains, key=lambda d: order.get(d, len(order)))
+
+
+def _pm(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"

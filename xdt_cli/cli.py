@@ -178,11 +178,25 @@ def _start(
     as_json,
     overwrite,
     debug,
+    leave_one_out: bool = False,
 ) -> None:
     def body() -> int:
-        from xdt_cli.api import start_run
+        from xdt_cli.api import start_leave_one_out, start_run
         from xdt_cli.progress import Reporter
 
+        if leave_one_out:
+            summary = start_leave_one_out(
+                config,
+                overrides or [],
+                name=name,
+                runs_dir=runs_dir,
+                device=device,
+                seed=seed,
+                overwrite=overwrite,
+                reporter=Reporter(quiet=quiet),
+                argv=sys.argv,
+            )
+            return _finish(summary, as_json)
         summary = start_run(
             subcommand,
             config,
@@ -301,6 +315,52 @@ def transfer(
         as_json,
         overwrite,
         debug,
+    )
+
+
+@app.command("generalize")
+def generalize(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    name: NameOpt = None,
+    runs_dir: RunsDirOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+    leave_one_out: Annotated[
+        bool,
+        typer.Option(
+            "--leave-one-out",
+            help="Run once per domain with that domain held out, as child runs <run>/<domain>/, "
+            "and write the DomainBed-style table; again with the same --name it resumes.",
+        ),
+    ] = False,
+) -> None:
+    """Learn from several domains so that held-out domains work too (domain generalisation).
+
+    Every step takes a batch from each training domain of `data.dataset` (`data.domains`
+    minus `data.test_domains`); held-out domains are only evaluated. `method.name` picks the
+    algorithm (erm, irm, vrex, groupdro, coral, mmd, mixup, mldg); `selection.rule` is
+    training_domain_val (default), leave_one_domain_out or oracle.
+
+    Example: xdt generalize configs/generalize/rotated_mnist5k_erm.yaml data.test_domains=[rot75]
+    """
+    _start(
+        "generalize",
+        config,
+        overrides,
+        name,
+        runs_dir,
+        device,
+        seed,
+        quiet,
+        as_json,
+        overwrite,
+        debug,
+        leave_one_out,
     )
 
 
@@ -496,7 +556,9 @@ def report(
     selection: Annotated[
         str,
         typer.Option(
-            "--selection", help="summary (each run's own choice), source_val, target_val or last."
+            "--selection",
+            help="summary (each run's own choice), source_val, target_val, last, "
+            "training_domain_val, leave_one_domain_out or oracle.",
         ),
     ] = "summary",
     fmt: Annotated[

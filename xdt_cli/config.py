@@ -33,7 +33,7 @@ from pydantic import (
 
 from xdt_cli.errors import ConfigError
 
-SUBCOMMANDS = ("train-source", "finetune", "transfer")
+SUBCOMMANDS = ("train-source", "finetune", "transfer", "generalize")
 
 
 class Strict(BaseModel):
@@ -309,6 +309,47 @@ class DataConfig(Strict):
         description="train-source: only evaluated; finetune: trained on with its labels; "
         "transfer: trained on without labels",
     )
+    # generalize: one multi-domain set, its training domains and the held-out ones
+    dataset: str | None = Field(
+        None, description="generalize: a multi-domain data set, e.g. rotated_mnist5k"
+    )
+    domains: list[str] | None = Field(
+        None, description="generalize: the domains used (default: all of data.dataset's)"
+    )
+    test_domains: list[str] = Field(
+        default_factory=list,
+        description="generalize: held-out domains, never trained on (split 20% val / 80% test)",
+    )
+    domain_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="generalize: lambda_d of a training domain in the loss (default 1.0)",
+    )
+    sample_weights: str = Field(
+        "none",
+        description="generalize: per-sample weights: none, class_balanced, "
+        "inverse_domain_size, or a .npy file indexed like the training samples (the training "
+        "domains' train splits in data.domains order); see docs of regimes.generalize",
+    )
+
+    @model_validator(mode="after")
+    def _weights(self) -> DataConfig:
+        for name, value in self.domain_weights.items():
+            if not (value >= 0 and value < float("inf")):
+                raise ValueError(f"data.domain_weights.{name}: expected a weight >= 0, got {value}")
+        if self.domain_weights and not any(v > 0 for v in self.domain_weights.values()):
+            raise ValueError("data.domain_weights: at least one weight must be > 0")
+        named = ("none", "class_balanced", "inverse_domain_size")
+        if self.sample_weights not in named and not self.sample_weights.endswith(".npy"):
+            raise ValueError(
+                f"data.sample_weights: expected {', '.join(named)} or a .npy file, "
+                f"got '{self.sample_weights}'"
+            )
+        for key in ("domains", "test_domains"):
+            values = getattr(self, key) or []
+            twice = sorted({d for d in values if values.count(d) > 1})
+            if twice:
+                raise ValueError(f"data.{key}: {', '.join(twice)} given twice")
+        return self
 
 
 # --------------------------------------------------------------------------- model
@@ -320,7 +361,9 @@ class ModelConfig(Strict):
     """
 
     backbone: str = Field(
-        "lenet", description="lenet, cnn, or a torchvision classification model name"
+        "lenet",
+        description="lenet, cnn, brief_cnn, a torchvision classification model name, "
+        "timm:<name> (with timm installed) or a plug-in backbone",
     )
     preset: Literal["full", "linear_probe", "last_k_blocks"] | None = Field(
         None,
@@ -506,14 +549,35 @@ class TrainConfig(Strict):
         None, gt=0, strict=True, description="stop after N evaluations without improvement"
     )
     deterministic: bool = Field(True, description="deterministic kernels (bit-identical on CPU)")
+    ema: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="decay of an exponential moving average of the weights (e.g. 0.999), "
+        "warmed up as min(decay, (1+k)/(10+k)); the average is what is evaluated and saved "
+        "as best.pt. Unset: off",
+    )
 
 
 class SelectionConfig(Strict):
-    rule: Literal["source_val", "target_val", "last"] | None = Field(
+    rule: (
+        Literal[
+            "source_val",
+            "target_val",
+            "last",
+            "training_domain_val",
+            "leave_one_domain_out",
+            "oracle",
+        ]
+        | None
+    ) = Field(
         None,
         description="source_val: best on the source's val split (default of train-source and "
         "transfer); target_val: best on the target's labelled val split (default of finetune; "
-        "under transfer it uses target labels and is reported as such); last: the final step",
+        "under transfer it uses target labels and is reported as such); last: the final step. "
+        "generalize: training_domain_val (default: the mean val acc of the training domains), "
+        "leave_one_domain_out (the mean val acc of the held-out domains after the first of "
+        "data.test_domains) or oracle (the held-out domains' val split, for reference only)",
     )
     metric: str | None = Field(None, description="default <domain>/val/acc of the rule's domain")
     mode: Literal["max", "min"] | None = Field(None, description="default: min for */loss")
@@ -740,14 +804,29 @@ def validate_config(
     return cfg
 
 
-DEFAULT_RULES = {"train-source": "source_val", "finetune": "target_val", "transfer": "source_val"}
+DEFAULT_RULES = {
+    "train-source": "source_val",
+    "finetune": "target_val",
+    "transfer": "source_val",
+    "generalize": "training_domain_val",
+}
+GENERALIZE_RULES = ("training_domain_val", "leave_one_domain_out", "oracle", "last")
+GENERALIZE_KEYS = ("dataset", "domains", "test_domains", "domain_weights", "sample_weights")
 
 
 def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
     """Settings that the schema accepts but this subcommand cannot run."""
     if subcommand not in SUBCOMMANDS:
         return [f"unknown subcommand '{subcommand}'"]
+    if subcommand == "generalize":
+        return _generalize_problems(cfg)
     data, problems = cfg.data, []
+    default = DataConfig()
+    for key in GENERALIZE_KEYS:
+        if getattr(data, key) != getattr(default, key):
+            problems.append(f"data.{key}: only used by generalize (not {subcommand})")
+    if cfg.selection.rule in GENERALIZE_RULES[:3]:
+        problems.append(f"selection.rule: {cfg.selection.rule} is a rule of generalize")
     if subcommand in ("train-source", "transfer") and data.source is None:
         problems.append(f"data.source: required by {subcommand} (e.g. {{dataset: mnist5k}})")
     if subcommand in ("finetune", "transfer") and data.target is None:
@@ -770,6 +849,70 @@ def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
     if rule == "source_val" and data.source is None and subcommand == "finetune":
         problems.append(
             "selection.rule: source_val needs data.source (finetune selects on target_val)"
+        )
+    return problems
+
+
+def _generalize_problems(cfg: ExperimentConfig) -> list[str]:
+    """generalize reads `data.dataset`, its domains and the held-out ones; domain names are
+    checked against the data set (unknown names, overlaps, nothing left to train on)."""
+    data, problems = cfg.data, []
+    for key in ("source", "target"):
+        if getattr(data, key) is not None:
+            problems.append(
+                f"data.{key}: generalize reads data.dataset, data.domains and "
+                "data.test_domains (not data.source / data.target)"
+            )
+    if cfg.selection.rule not in GENERALIZE_RULES:
+        problems.append(
+            f"selection.rule: {cfg.selection.rule} is not a rule of generalize "
+            f"(one of {', '.join(GENERALIZE_RULES)})"
+        )
+    if data.dataset is None:
+        problems.append("data.dataset: required by generalize (e.g. rotated_mnist5k)")
+        return problems
+    from xdt_cli.data.registry import get_spec  # torch: only once a data set is named
+
+    try:
+        spec = get_spec(data.dataset, "data.dataset")
+    except ConfigError as exc:
+        return [*problems, *exc.lines]
+    known = list(spec.domains)
+    if len(known) < 2:
+        return [*problems, f"data.dataset: {spec.name} has one domain; generalize needs several"]
+    for key in ("domains", "test_domains", "domain_weights"):
+        for name in getattr(data, key) or []:
+            if name not in known:
+                problems.append(
+                    f"data.{key}: {spec.name} has no domain '{name}'{_did_you_mean(name, known)}"
+                    f"; its domains: {', '.join(known)}"
+                )
+    if problems:
+        return problems
+    used = data.domains if data.domains is not None else known
+    if not data.test_domains:
+        problems.append(
+            f"data.test_domains: hold out at least one domain (e.g. [{used[-1]}]), "
+            "or run with --leave-one-out"
+        )
+    outside = [d for d in data.test_domains if d not in used]
+    if data.domains is not None and outside:
+        problems.append(f"data.test_domains: {', '.join(outside)} not in data.domains")
+    training = [d for d in used if d not in data.test_domains]
+    if data.test_domains and not training:
+        problems.append("data.test_domains: holds out every domain; keep one to train on")
+    held = [d for d in data.domain_weights if d not in training]
+    if held:
+        problems.append(
+            f"data.domain_weights: {', '.join(held)} is not a training domain "
+            "(held-out domains never reach the loss)"
+        )
+    elif training and not any(data.domain_weights.get(d, 1.0) > 0 for d in training):
+        problems.append("data.domain_weights: every training domain has weight 0")
+    if cfg.selection.rule == "leave_one_domain_out" and len(data.test_domains) < 2:
+        problems.append(
+            "selection.rule: leave_one_domain_out needs data.test_domains = [test domain, "
+            "validation domain(s)] (or --leave-one-out, which builds them)"
         )
     return problems
 

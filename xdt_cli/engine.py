@@ -5,10 +5,24 @@ The engine decides when to step, log, evaluate, save and stop; the method decide
 never branches on a method's or a subcommand's name.
 
 Per step: one batch from every stream -> `training_step` under autocast -> (scaled) backward
--> optional clipping -> optimizer and schedule step. Every `log_every` steps a train row goes
-to metrics.jsonl; every `eval_every` steps (and at the end) an eval row, best.pt when the
-selection metric improves, and last.pt with the full state (model, optimizer, schedule,
-grad scaler, RNG, step, best so far, early-stopping count, the open log window). Resuming
+-> optional clipping -> optimizer and schedule step. A method with `manual_optimization`
+does the middle itself (`manual_step`, through the same `OptimizerStep`: scaler, autocast,
+clipping); the schedule step and the weight average stay the engine's.
+
+`train.ema`: an exponential moving average of every floating-point entry of the method's
+state (weights and batch-norm statistics), updated after each optimizer step with the decay
+min(ema, (1 + k) / (10 + k)) at step k (the warm-up of TensorFlow's ExponentialMovingAverage,
+so early averages are not dominated by the random initialisation). When it is on, the
+average is what evaluation scores and what best.pt holds; last.pt holds both the live
+weights and the average, so a resumed run continues exactly.
+
+`Experiment.averages` names groups of domains (e.g. a generalize run's training domains);
+every eval row also holds their means, `<group>/<split>/<metric>`, which selection can use.
+
+Every `log_every` steps a train row goes to metrics.jsonl; every `eval_every` steps (and at
+the end) an eval row, best.pt when the selection metric improves, and last.pt with the full
+state (model, optimizer, schedule, grad scaler, RNG, step, best so far, early-stopping count,
+the open log window, the weight average). Resuming
 from last.pt therefore replays the remaining steps exactly: the data order is a function of
 the step (see data/stream.py).
 
@@ -44,7 +58,7 @@ from xdt_cli.data import InMemoryStream, Split
 from xdt_cli.errors import CheckpointError, NonFiniteLoss, RunInterrupted
 from xdt_cli.evaluation import evaluate
 from xdt_cli.freezing import release
-from xdt_cli.methods.base import Method
+from xdt_cli.methods.base import Method, OptimizerStep
 from xdt_cli.progress import Reporter
 from xdt_cli.runs import RunDir
 from xdt_cli.runtime import Runtime, autocast_for, resolve_precision, stop_signals
@@ -80,6 +94,25 @@ class Experiment:
     # parameter counts recorded in summary.json ("trainable", "fixed", ...)
     parameters: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # shown to the user before training
+    # group name -> domains whose metrics are averaged into `<group>/<split>/<metric>`
+    averages: dict[str, list[str]] = field(default_factory=dict)
+    # extra JSON files of the run folder, e.g. {"weights.json": {...}}, written at its start
+    run_files: dict[str, Any] = field(default_factory=dict)
+
+
+def add_averages(metrics: dict[str, float], averages: dict[str, list[str]]) -> dict[str, float]:
+    """`metrics` plus `<group>/<split>/<metric>`: the mean over the group's domains, for every
+    `<split>/<metric>` that all of them have."""
+    out = dict(metrics)
+    for group, domains in averages.items():
+        if not domains:
+            continue
+        suffixes = [k.split("/", 1)[1] for k in metrics if k.split("/", 1)[0] == domains[0]]
+        for suffix in suffixes:
+            values = [metrics.get(f"{d}/{suffix}") for d in domains]
+            if all(v is not None for v in values):
+                out[f"{group}/{suffix}"] = sum(values) / len(values)  # type: ignore[arg-type]
+    return out
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -166,6 +199,13 @@ class Engine:
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = build_optimizer(cfg, groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
+        self.opt_step = OptimizerStep(
+            self.optimizer, self.scaler, self.autocast, self.params, cfg.train.grad_clip
+        )
+        # train.ema: the running average of the method's floating-point state
+        self.ema: dict[str, Tensor] | None = None
+        if cfg.train.ema is not None:
+            self.ema = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
 
         self._model_params = dict(self.method.model.named_parameters())
         self.step = 0
@@ -190,6 +230,7 @@ class Engine:
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "data": [s.state_dict() for s in self.streams],
+            "ema": self.ema,
             "best": self.best,
             "last_eval": self.last_eval,
             "bad_evals": self.bad_evals,
@@ -203,6 +244,14 @@ class Engine:
             raise CheckpointError(f"{source}: its data streams differ from this run's config")
         try:
             self.method.load_state_dict(unwrap_state_dict(state["method"]))
+            if self.ema is not None:
+                if state.get("ema") is None:
+                    raise CheckpointError(f"{source}: was written without train.ema")
+                saved = unwrap_state_dict(state["ema"])
+                if saved.keys() != self.ema.keys():
+                    raise CheckpointError(f"{source}: its weight average has other entries")
+                for key, value in saved.items():
+                    self.ema[key].copy_(value)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
@@ -270,17 +319,47 @@ class Engine:
 
     def _train_step(self) -> dict[str, Tensor]:
         batch = [s.batch(self.step) for s in self.streams]
-        with self.autocast:
-            out = self.method.training_step(batch, self.step)
-        self.scaler.scale(out["loss"]).backward()
-        if self.cfg.train.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.method.manual_optimization:
+            out = self.method.manual_step(batch, self.step, self.opt_step)
+        else:
+            with self.autocast:
+                out = self.method.training_step(batch, self.step)
+            self.opt_step.backward(out["loss"])
+            self.opt_step.step()
         self.scheduler.step()
+        self._update_ema()
         return out
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """avg <- d avg + (1 - d) theta after the optimizer step of step k (0-based), with
+        d = min(train.ema, (1 + k) / (10 + k)); a function of the step alone, so resuming
+        needs only the average itself. Integer entries (batch counts) are copied."""
+        if self.ema is None:
+            return
+        assert self.cfg.train.ema is not None
+        decay = min(self.cfg.train.ema, (1 + self.step) / (10 + self.step))
+        current = self.method.state_dict()
+        for key, avg in self.ema.items():
+            value = current[key].detach()
+            if avg.is_floating_point():
+                avg.lerp_(value.to(avg.dtype), 1.0 - decay)
+            else:
+                avg.copy_(value)
+
+    @contextlib.contextmanager
+    def _evaluated_weights(self) -> Iterator[None]:
+        """With train.ema, the method holds the average inside this block and its live
+        weights again after it (copied back in place, so the optimizer is unaffected)."""
+        if self.ema is None:
+            yield
+            return
+        live = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
+        self.method.load_state_dict(self.ema)
+        try:
+            yield
+        finally:
+            self.method.load_state_dict(live)
 
     def _accumulate(self, out: dict[str, Tensor]) -> None:
         for key, value in out.items():
@@ -314,27 +393,27 @@ class Engine:
     def _evaluate_and_save(self, elapsed: float) -> bool:
         """Evaluate, update best.pt and last.pt; return True when early stopping triggers."""
         self._check_finite()
-        metrics = evaluate(
-            self.method,
-            self.exp.eval_sets,
-            batch_size=self.cfg.train.eval_batch_size,
-            device=self.device,
-            autocast=self.autocast,
-        )
-        self.last_eval = metrics
-        sel = self.exp.selection
-        value = metrics[sel.metric] if sel.metric else None
-        improved = sel.better(value, self.best["value"] if self.best else None)
-        if improved:
-            self.best = {"step": self.step, "value": value, "metrics": metrics}
-            self.bad_evals = 0
-            if self.run is not None:
-                save_checkpoint(
-                    self.run.best_ckpt,
-                    {"step": self.step, "method": self.method.state_dict(), "metrics": metrics},
-                )
-        else:
-            self.bad_evals += 1
+        with self._evaluated_weights():
+            metrics = evaluate(
+                self.method,
+                self.exp.eval_sets,
+                batch_size=self.cfg.train.eval_batch_size,
+                device=self.device,
+                autocast=self.autocast,
+            )
+            metrics = add_averages(metrics, self.exp.averages)
+            self.last_eval = metrics
+            sel = self.exp.selection
+            value = metrics[sel.metric] if sel.metric else None
+            improved = sel.better(value, self.best["value"] if self.best else None)
+            if improved:
+                self.best = {"step": self.step, "value": value, "metrics": metrics}
+                self.bad_evals = 0
+                if self.run is not None:  # the weights evaluated: the average under ema
+                    state = {"step": self.step, "method": self.method.state_dict()}
+                    save_checkpoint(self.run.best_ckpt, {**state, "metrics": metrics})
+            else:
+                self.bad_evals += 1
         if self.run is not None:
             self.run.append_metrics({"step": self.step, "split": "eval", **metrics})
         self._save_last(elapsed)
@@ -361,6 +440,8 @@ class Engine:
             "early_stopped": early,
             "parameters": self.exp.parameters,
         }
+        if self.cfg.train.ema is not None:
+            summary["ema"] = self.cfg.train.ema  # "best" and "final" score the average
         if error is not None:
             summary["error"] = error
         if self.run is not None:

@@ -11,14 +11,41 @@ method (the loss) comes from `method.name`; the loop is the engine's.
 - transfer: two streams, `data.source` with labels and `data.target` WITHOUT labels: the
   target's stream is built with `labelled=False`, so no target label can reach a method.
   Target labels exist only in its val/test splits, which only evaluation reads.
+- generalize: one labelled stream per training domain of `data.dataset` (`data.domains`
+  minus `data.test_domains`), so every step holds a batch of each; the held-out domains are
+  loaded with `held_out=True` (20% val, 80% test, no train split) and only evaluated: no
+  stream is ever built from them, so they cannot reach the optimizer. Eval rows also hold the
+  means `train_domains/...` (training domains), `test_domains/...` (held-out domains) and,
+  with two or more held-out domains, `val_domains/...` (all but the first), which the rules
+  training_domain_val, oracle and leave_one_domain_out choose on.
+
+Loss weights of generalize (the brief's L(theta) = sum_d sum_i lambda_{d,i} L_{d,i}, with
+L_{d,i} the loss of sample i of training domain d divided by N, the number of training
+samples): lambda_{d,i} = `data.domain_weights[d]` (default 1) times the per-sample weight of
+`data.sample_weights`: `none` (1), `class_balanced` (N / (C n_y), n_y the pooled count of
+the sample's class: every class weighs the same in total), `inverse_domain_size`
+(N / (D n_d): every domain weighs the same, DomainBed's ERM), or the values of a .npy file
+(one per training sample, the training domains' train splits concatenated in order). Every
+step draws b samples of each of the D domains, so a sample of domain d is drawn with
+probability b / n_d; the batch carries `weight = lambda_{d,i} * D n_d / N`, and the mean of
+`weight * loss` over the step's D*b samples is an unbiased estimate of L(theta). Methods
+compute weighted per-domain risks (methods/_shared_dg.py). The weights in force are written
+to `<run>/weights.json`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from xdt_cli.config import ExperimentConfig
+import numpy as np
+import torch
+from torch import Tensor
+
+from xdt_cli.config import DomainConfig, ExperimentConfig
 from xdt_cli.data import Domain, check_compatible, load_configured_domain, make_stream
+from xdt_cli.data.registry import get_spec
 from xdt_cli.engine import Experiment, Selection
 from xdt_cli.errors import ConfigError
 from xdt_cli.freezing import param_groups, plan_freezing
@@ -26,6 +53,7 @@ from xdt_cli.initialization import initialize
 from xdt_cli.methods import METHODS
 from xdt_cli.models import create_model
 from xdt_cli.runtime import Runtime, seed_everything
+from xdt_cli.selection import GENERALIZE_METRICS  # the metric each generalize rule reads
 
 
 def build_experiment(
@@ -34,6 +62,8 @@ def build_experiment(
     """`resuming`: the weights come from last.pt, so `init` is not read again (the source
     run it names may be gone by then; everything it gave is in the checkpoint)."""
     seed_everything(cfg.seed, cfg.train.deterministic)
+    if subcommand == "generalize":
+        return _build_generalize(cfg, runtime, resuming=resuming)
     domains = _domains(subcommand, cfg)
     trained = domains.target if subcommand == "finetune" else domains.source
     assert trained is not None  # config validation requires it
@@ -149,16 +179,27 @@ def _check_compatible(a: Domain, b: Domain, subcommand: str) -> None:
     check_compatible(a, b)
 
 
-def make_selection(cfg: ExperimentConfig, *, default_metric: str, eval_sets) -> Selection:
-    """Resolve `selection` against the metrics this run's evaluations produce."""
+def make_selection(
+    cfg: ExperimentConfig,
+    *,
+    default_metric: str,
+    eval_sets,
+    averages: dict[str, list[str]] | None = None,
+) -> Selection:
+    """Resolve `selection` against the metrics this run's evaluations produce (the domains'
+    own and the means of the `averages` groups)."""
     rule = cfg.selection.rule
     assert rule is not None  # validate_config resolves the subcommand's default
     if rule == "last":
         return Selection(rule="last", metric=None, mode="max")
     metric = cfg.selection.metric or default_metric
+    splits_of = dict(eval_sets)
+    for group, domains in (averages or {}).items():
+        if domains:
+            splits_of[group] = eval_sets[domains[0]]
     known = [
         f"{domain}/{split}/{metric}"
-        for domain, splits in eval_sets.items()
+        for domain, splits in splits_of.items()
         for split in splits
         for metric in ("acc", "loss")
     ]
@@ -174,3 +215,180 @@ def make_selection(cfg: ExperimentConfig, *, default_metric: str, eval_sets) -> 
         )
     mode = cfg.selection.mode or ("min" if metric.endswith("loss") else "max")
     return Selection(rule=rule, metric=metric, mode=mode)
+
+
+# --------------------------------------------------------------------------- generalize
+def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool) -> Experiment:
+    data = cfg.data
+    assert data.dataset is not None  # validate_config requires it
+    spec = get_spec(data.dataset, "data.dataset")
+    used = data.domains if data.domains is not None else list(spec.domains)
+    names = [d for d in used if d not in data.test_domains]
+    held_names = list(data.test_domains)
+
+    def load(name: str, key: str, held_out: bool) -> Domain:
+        section = DomainConfig(dataset=data.dataset, domain=name)
+        return load_configured_domain(
+            section, split_seed=data.split_seed, key=key, held_out=held_out
+        )
+
+    training = [load(d, "data.domains", False) for d in names]
+    held = [load(d, "data.test_domains", True) for d in held_names]
+    first = training[0]
+    for other in training[1:] + held:
+        check_compatible(first, other, key=f"data.dataset ({other.name})")
+
+    model = create_model(cfg.model.backbone, first.input_shape, first.num_classes)
+    notes = []
+    if not resuming:
+        message = initialize(model, cfg)
+        if message:
+            notes.append(message)
+    plan = plan_freezing(model, cfg.model)
+    method = METHODS[cfg.method.name](model, cfg.method_config, total_steps=cfg.train.steps)
+    method.setup_domains(names)
+    method.to(runtime.device)
+
+    weights, record = loss_weights(cfg, training)
+    record["held_out"] = held_names
+    streams = [
+        make_stream(
+            d.splits["train"],
+            batch_size=cfg.train.batch_size,
+            seed=cfg.seed,
+            domain=d.name,
+            device=runtime.device,
+            labelled=True,
+            weight=w,
+        )
+        for d, w in zip(training, weights, strict=True)
+    ]
+    # Held-out domains only here: evaluation reads their val and test splits.
+    eval_sets = {d.name: {"val": d.splits["val"], "test": d.splits["test"]} for d in training}
+    eval_sets.update({d.name: {"val": d.splits["val"], "test": d.splits["test"]} for d in held})
+    averages = {"train_domains": names, "test_domains": held_names}
+    if len(held_names) > 1:
+        averages["val_domains"] = held_names[1:]
+    rule = cfg.selection.rule
+    default_metric = GENERALIZE_METRICS.get(str(rule), "train_domains/val/acc")
+    selection = make_selection(
+        cfg, default_metric=default_metric, eval_sets=eval_sets, averages=averages
+    )
+    _check_generalize_selection(selection, held_names)
+    notes.append(
+        f"training domains: {', '.join(names)}; held out: {', '.join(held_names)}; "
+        f"selection: {selection.rule}" + (f" on {selection.metric}" if selection.metric else "")
+    )
+    notes.append(_parameter_note(plan, method))
+    return Experiment(
+        subcommand="generalize",
+        method=method,
+        streams=streams,
+        eval_sets=eval_sets,
+        selection=selection,
+        param_groups=param_groups(method, plan, cfg.optim.lr_mult),
+        unfreeze=plan.scheduled,
+        parameters=_parameter_counts(plan, method),
+        notes=notes,
+        averages=averages,
+        run_files={"weights.json": record},
+    )
+
+
+def _check_generalize_selection(selection: Selection, held: list[str]) -> None:
+    """training_domain_val never reads a held-out domain; leave_one_domain_out never reads
+    the test domain (the first held-out one). The oracle reads held-out val splits."""
+    if selection.metric is None or selection.rule == "oracle":
+        return
+    source = selection.metric.split("/", 1)[0]
+    forbidden = {"test_domains", *held} if selection.rule == "training_domain_val" else set()
+    if selection.rule == "leave_one_domain_out":
+        forbidden = {"test_domains", "train_domains", held[0]}
+    if source in forbidden:
+        raise ConfigError(
+            f"selection.metric: '{selection.metric}' is not something {selection.rule} may "
+            "choose on (a held-out domain is chosen on only by the oracle rule)"
+        )
+
+
+def loss_weights(
+    cfg: ExperimentConfig, training: list[Domain]
+) -> tuple[list[Tensor | None], dict[str, Any]]:
+    """The per-sample batch weights of each training domain (None where all are 1) and the
+    record of weights.json. See the module docstring for the formula."""
+    data = cfg.data
+    ys = [d.splits["train"].y for d in training]
+    sizes = [len(y) for y in ys]
+    total, count = sum(sizes), len(training)
+    kind = data.sample_weights
+    if kind == "none":
+        per_sample = [torch.ones(n, dtype=torch.float64) for n in sizes]
+    elif kind == "inverse_domain_size":
+        per_sample = [torch.full((n,), total / (count * n), dtype=torch.float64) for n in sizes]
+    elif kind == "class_balanced":
+        pooled = torch.cat(ys)
+        counts = torch.bincount(pooled).double()
+        present = int((counts > 0).sum())
+        per_sample = [total / (present * counts[y]) for y in ys]
+    else:
+        per_sample = _weights_file(kind, sizes, [d.name for d in training])
+
+    weights: list[Tensor | None] = []
+    domains: dict[str, Any] = {}
+    grand = sum(
+        float(w.sum()) * data.domain_weights.get(d.name, 1.0)
+        for d, w in zip(training, per_sample, strict=True)
+    )
+    if grand <= 0:
+        raise ConfigError("data.sample_weights: every training sample has weight 0")
+    for d, w, n in zip(training, per_sample, sizes, strict=True):
+        lam = data.domain_weights.get(d.name, 1.0)
+        batch = (lam * w * (count * n / total)).float()
+        weights.append(None if bool((batch == 1).all()) else batch)
+        domains[d.name] = {
+            "train_samples": n,
+            "lambda_d": lam,
+            "sample_weight": _stats(w),
+            "batch_weight": _stats(batch),
+            "share_of_loss": round(lam * float(w.sum()) / grand, 6),
+        }
+    record = {
+        "formula": "L = sum_d sum_i lambda_{d,i} L_{d,i}; L_{d,i} = loss_{d,i} / N; "
+        "lambda_{d,i} = domain_weights[d] * sample_weight_{d,i}; a step's batch carries "
+        "lambda_{d,i} * D * n_d / N and averages weight * loss over its D*b samples",
+        "sample_weights": kind,
+        "domain_weights": {d.name: data.domain_weights.get(d.name, 1.0) for d in training},
+        "N": total,
+        "domains": domains,
+    }
+    return weights, record
+
+
+def _stats(w: Tensor) -> dict[str, float]:
+    return {
+        "min": round(float(w.min()), 6),
+        "max": round(float(w.max()), 6),
+        "mean": round(float(w.double().mean()), 6),
+    }
+
+
+def _weights_file(path_text: str, sizes: list[int], names: list[str]) -> list[Tensor]:
+    """One weight per training sample from a .npy file (no pickles), split by domain."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.sample_weights: {path} not found")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"data.sample_weights: {path}: not a readable .npy ({exc})") from None
+    total = sum(sizes)
+    if array.ndim != 1 or array.shape[0] != total or not np.issubdtype(array.dtype, np.number):
+        order = ", ".join(f"{n} ({k})" for n, k in zip(names, sizes, strict=True))
+        raise ConfigError(
+            f"data.sample_weights: {path} holds shape {list(array.shape)}; expected {total} "
+            f"numbers, the train splits of {order} in that order"
+        )
+    values = torch.from_numpy(array.astype(np.float64))
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise ConfigError(f"data.sample_weights: {path} holds negative or non-finite weights")
+    return list(torch.split(values, sizes))

@@ -23,8 +23,18 @@ order, and `summary` the run's summary.json (only the `summary` rule reads it).
 - `target_val`: the same with `data.target` (fine-tuning's default; under transfer it reads
   target labels of the val split, which the user must own, and is reported as such).
 
-Later paradigms add their rules here: `training_domain_val` (domain generalisation: the
-mean val accuracy of the training domains) and `oracle` (the held-out domains' val split).
+Domain generalisation (`xdt generalize`; DomainBed's three rules, Gulrajani & Lopez-Paz
+2021, section 3), on the means that every generalize eval row holds:
+- `training_domain_val`: the best `train_domains/val/acc`, the mean val accuracy of the
+  training domains (their own val splits: never a held-out domain).
+- `leave_one_domain_out`: the best `val_domains/val/acc`, the mean val accuracy of the
+  held-out domains after the first of `data.test_domains` (validation domains, held out of
+  training like the test domain; `xdt generalize --leave-one-out` builds the folds and
+  averages the test domain's result over them).
+- `oracle`: the best `test_domains/val/acc`, the held-out domains' own val split (20% of
+  them): a reference that uses test-domain labels, reported as such.
+The held-out domains' test splits are never read by any rule. As for `source_val`, a run
+trained under the rule with its own `selection.metric` / `mode` is reproduced exactly.
 """
 
 from __future__ import annotations
@@ -153,3 +163,45 @@ def from_summary(
     if not best:
         return None
     return {"step": summary.get("best_step"), "split": "eval", **best}
+
+
+GENERALIZE_METRICS = {
+    "training_domain_val": "train_domains/val/acc",
+    "leave_one_domain_out": "val_domains/val/acc",
+    "oracle": "test_domains/val/acc",
+}
+
+
+def generalize_criterion(config: Mapping[str, Any], rule: str) -> tuple[str, str]:
+    """(metric, mode) of a generalize rule for this run (its own settings under that rule)."""
+    if not (config.get("data") or {}).get("test_domains"):
+        raise XdtError(f"selection '{rule}': the run is not a generalize run (no test_domains)")
+    metric, mode = GENERALIZE_METRICS[rule], None
+    own = config.get("selection") or {}
+    if own.get("rule") == rule:
+        metric = own.get("metric") or metric
+        mode = own.get("mode")
+    return metric, mode or ("min" if metric.endswith("loss") else "max")
+
+
+@register("training_domain_val")
+def training_domain_val(
+    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
+) -> Row | None:
+    rule = "training_domain_val"
+    return _best_row(rule, *generalize_criterion(config, rule), eval_rows)
+
+
+@register("leave_one_domain_out")
+def leave_one_domain_out(
+    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
+) -> Row | None:
+    rule = "leave_one_domain_out"
+    return _best_row(rule, *generalize_criterion(config, rule), eval_rows)
+
+
+@register("oracle")
+def oracle(
+    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
+) -> Row | None:
+    return _best_row("oracle", *generalize_criterion(config, "oracle"), eval_rows)

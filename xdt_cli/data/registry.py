@@ -33,6 +33,9 @@ from xdt_cli.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 OFFICIAL_TRAIN_FRACTIONS = (0.85, 0.15)  # an official training split -> train, val
+# A domain held out from training (`xdt generalize`): no train split, 20% val (read only by
+# the oracle rule) and 80% test, as in DomainBed (Gulrajani & Lopez-Paz 2021).
+HELD_OUT_FRACTIONS = (0.0, 0.2, 0.8)
 DEFAULT_ROOT = "data"
 
 
@@ -133,6 +136,7 @@ class Split:
         device: torch.device,
         labelled: bool,
         task: str | None,
+        weight: Tensor | None = None,
     ) -> InMemoryStream:
         return InMemoryStream(
             self.x,
@@ -143,6 +147,7 @@ class Split:
             device=device,
             task=task,
             transform=self.train_transform,
+            weight=weight,
         )
 
 
@@ -216,11 +221,14 @@ def load_domain(
     )
 
 
-def load_configured_domain(domain_cfg: DomainConfig, *, split_seed: int, key: str) -> Domain:
+def load_configured_domain(
+    domain_cfg: DomainConfig, *, split_seed: int, key: str, held_out: bool = False
+) -> Domain:
     """Load the domain that a `data.source` / `data.target` section describes.
 
     `labels_per_class: k` keeps a seeded, stratified subset of k training samples per class;
-    val and test stay whole.
+    val and test stay whole. `held_out`: a domain that no step trains on; all of its samples
+    are split 20% val / 80% test (its train split is empty).
     """
     spec = get_spec(domain_cfg.dataset, f"{key}.dataset")
     _check_keys(spec, domain_cfg, key)
@@ -243,7 +251,7 @@ def load_configured_domain(domain_cfg: DomainConfig, *, split_seed: int, key: st
         raw = _open_raw(request)
 
     classes, parts = _select_classes(raw, domain_cfg, spec.name, key)
-    splits = _split(parts, split_seed)
+    splits = _held_out_split(parts, split_seed) if held_out else _split(parts, split_seed)
     k = domain_cfg.labels_per_class
     if k is not None:
         splits["train"] = splits["train"].take(labelled_subset(splits["train"].y, k, split_seed))
@@ -375,6 +383,23 @@ def _split(parts: dict[str, Samples], seed: int) -> dict[str, Samples]:
     if set(parts) == set(SPLITS):
         return dict(parts)
     raise ValueError(f"a data set's parts must be all, train+test or train+val+test: {parts}")
+
+
+def _held_out_split(parts: dict[str, Samples], seed: int) -> dict[str, Samples]:
+    """All the samples of a held-out domain (every official part pooled), 0/20/80."""
+    pooled = list(parts.values())
+    if len(pooled) == 1:
+        every = pooled[0]
+    else:
+        files = None
+        if all(p.files is not None for p in pooled):
+            files = tuple(f for p in pooled for f in (p.files or ()))
+        x = None
+        if all(p.x is not None for p in pooled):
+            x = torch.cat([p.x for p in pooled if p.x is not None])
+        every = Samples(torch.cat([p.y for p in pooled]), x=x, files=files)
+    idx = stratified_split(every.y, seed, HELD_OUT_FRACTIONS)
+    return {name: every.take(i) for name, i in zip(SPLITS, idx, strict=True)}
 
 
 def _stored_shape(splits: dict[str, Samples], key: str) -> tuple[int, int, int]:

@@ -23,12 +23,18 @@ from xdt_cli.errors import ConfigError
 
 @dataclass
 class DomainBatch:
-    """One domain's (or task's) share of a training step. `y` is None when unlabelled."""
+    """One domain's (or task's) share of a training step. `y` is None when unlabelled.
+
+    `weight`: per-sample loss weights lambda_{d,i} (`xdt generalize`: the per-domain weight
+    times the per-sample weight, scaled so that the batch mean estimates the weighted total
+    loss; see regimes.py); None where every sample counts the same.
+    """
 
     x: Tensor
     y: Tensor | None
     domain: str
     task: str | None = None
+    weight: Tensor | None = None
 
 
 def epoch_permutation(seed: int, epoch: int, size: int) -> Tensor:
@@ -61,10 +67,12 @@ class InMemoryStream:
         device: torch.device,
         task: str | None = None,
         transform: Any = None,
+        weight: Tensor | None = None,
     ) -> None:
         check_batch_size(len(x), batch_size, domain)
         self.x = x.to(device)
         self.y = y.to(device) if y is not None else None
+        self.weight = weight.to(device) if weight is not None else None
         self.batch_size = batch_size
         self.seed = seed
         self.domain = domain
@@ -87,7 +95,8 @@ class InMemoryStream:
         y = self.y[idx] if self.y is not None else None
         x = self.x[idx]
         x = self.transform(x) if self.transform is not None else x
-        return DomainBatch(x=x, y=y, domain=self.domain, task=self.task)
+        weight = self.weight[idx] if self.weight is not None else None
+        return DomainBatch(x=x, y=y, domain=self.domain, task=self.task, weight=weight)
 
     def state_dict(self) -> dict[str, int | str]:
         return {
@@ -107,10 +116,25 @@ def make_stream(
     device: torch.device,
     labelled: bool = True,
     task: str | None = None,
+    weight: Tensor | None = None,
 ) -> Any:
     """The training stream of one split (in memory or image files); `labelled=False` drops
-    the labels (y is None). Every stream has `batch(step) -> DomainBatch` and
-    `state_dict()`."""
+    the labels (y is None); `weight` (per sample, indexed like the split) rides along in
+    every batch. Every stream has `batch(step) -> DomainBatch` and `state_dict()`."""
+    if weight is None:
+        return split.stream(
+            batch_size=batch_size,
+            seed=seed,
+            domain=domain,
+            device=device,
+            labelled=labelled,
+            task=task,
+        )
+    if not hasattr(split, "x"):
+        raise ConfigError(
+            f"data.dataset: per-sample weights need a data set held in memory; domain "
+            f"'{domain}' is read from image files"
+        )
     return split.stream(
         batch_size=batch_size,
         seed=seed,
@@ -118,4 +142,5 @@ def make_stream(
         device=device,
         labelled=labelled,
         task=task,
+        weight=weight,
     )

@@ -38,3 +38,10 @@ from xdt_cli.methods import self_training  # noqa: E402, F401
 from xdt_cli.methods import l2sp  # noqa: E402, F401
 from xdt_cli.methods import bss  # noqa: E402, F401
 from xdt_cli.methods import delta  # noqa: E402, F401
+from xdt_cli.methods import irm  # noqa: E402, F401
+from xdt_cli.methods import vrex  # noqa: E402, F401
+from xdt_cli.methods import groupdro  # noqa: E402, F401
+from xdt_cli.methods import coral  # noqa: E402, F401
+from xdt_cli.methods import mmd  # noqa: E402, F401
+from xdt_cli.methods import mixup  # noqa: E402, F401
+from xdt_cli.methods import mldg  # noqa: E402, F401

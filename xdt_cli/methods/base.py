@@ -1,6 +1,11 @@
 """The method contract: a learning rule that turns a training batch into a loss.
 
 A method owns the math; the engine owns the loop (stepping, precision, evaluation, saving).
+Most methods return a loss from `training_step` and the engine does backward and the
+optimizer step. A method that needs its own optimisation (MLDG's meta-step: several
+backward passes per step) sets `manual_optimization = True` and implements `manual_step`,
+which receives an `OptimizerStep`: the engine's optimizer, grad scaler, autocast and
+clipping, so that precision and `train.grad_clip` mean the same for every method.
 To add one, copy `erm.py`: set `name`, the `regimes` (subcommands) it serves, its `Config`
 (pydantic, with its paper's defaults) and `training_step`, then add the module to
 `methods/__init__.py`. `xdt methods` lists it and the parametrised tests run it.
@@ -8,6 +13,8 @@ To add one, copy `erm.py`: set `name`, the `regimes` (subcommands) it serves, it
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -17,7 +24,42 @@ from torch import Tensor, nn
 from xdt_cli.data.stream import DomainBatch
 from xdt_cli.models import Classifier
 
-__all__ = ["DomainBatch", "Method", "MethodConfig"]
+__all__ = ["DomainBatch", "Method", "MethodConfig", "OptimizerStep"]
+
+
+@dataclass
+class OptimizerStep:
+    """The engine's optimisation of one training step, handed to a manual method.
+
+    `backward(loss)` back-propagates the (scaled) loss; `scale(loss)` gives the scaled loss
+    for `torch.autograd.grad` (divide such gradients by `scale_factor()` before using them as
+    values); `step()` unscales, clips (`train.grad_clip`), steps the optimizer, updates the
+    scaler and zeroes the gradients. A manual step must call `step()` exactly once; the
+    engine then steps the lr schedule and the weight average, as for any method.
+    """
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: contextlib.AbstractContextManager
+    params: list[nn.Parameter]
+    grad_clip: float | None = None
+
+    def scale(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss)
+
+    def scale_factor(self) -> float:
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 class MethodConfig(BaseModel):
@@ -37,6 +79,8 @@ class Method(nn.Module):
     regimes: ClassVar[frozenset[str]]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     paper: ClassVar[str] = ""
+    # True: the engine calls `manual_step` instead of `training_step` + backward + step
+    manual_optimization: ClassVar[bool] = False
 
     def __init__(self, model: Classifier, config: MethodConfig, *, total_steps: int) -> None:
         super().__init__()
@@ -53,6 +97,19 @@ class Method(nn.Module):
         target (y is None: no target label ever reaches a transfer method)].
         """
         raise NotImplementedError
+
+    def setup_domains(self, domains: list[str]) -> None:
+        """Called by the regime with the training streams' domain names, in batch order,
+        before the optimizer is built or a checkpoint is loaded: a method whose state has one
+        entry per domain (GroupDRO's weights) creates it here."""
+
+    def manual_step(
+        self, batch: list[DomainBatch], step: int, opt: OptimizerStep
+    ) -> dict[str, Tensor]:
+        """With `manual_optimization`: compute the gradients (through `opt.backward` or
+        `opt.scale` + autograd), call `opt.step()` once, and return the values to log
+        ({"loss": detached scalar, ...}), as `training_step` does."""
+        raise NotImplementedError(f"{self.name} does not set manual_optimization")
 
     @torch.no_grad()
     def predict(self, x: Tensor, task: str | None = None) -> Tensor:

@@ -1,4 +1,5 @@
-"""Empirical risk minimisation: plain cross-entropy on every labelled domain in the batch."""
+"""Empirical risk minimisation: cross-entropy on every labelled domain in the batch,
+weighted per sample where the regime gives weights (generalize)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ class ERM(Method):
     """Empirical risk minimisation (Vapnik, 1998, *Statistical Learning Theory*).
 
     Averages the cross-entropy over all labelled samples of the step. It is the reference
-    point of every paradigm: source training, fine-tuning and DomainBed's ERM baseline.
+    point of every paradigm: source training, fine-tuning and DomainBed's ERM baseline
+    (Gulrajani & Lopez-Paz 2021: one batch per training domain, one pass). Under generalize
+    the batches carry per-sample weights lambda_{d,i}, and the loss is mean_i(lambda_i CE_i)
+    over the step's samples: the estimate of sum_d sum_i lambda_{d,i} L_{d,i}.
     """
 
     name = "erm"
-    regimes = frozenset({"train-source", "finetune"})
+    regimes = frozenset({"train-source", "finetune", "generalize"})
     Config = ERMConfig
     paper = "Vapnik, Statistical Learning Theory, 1998"
 
@@ -35,6 +39,17 @@ class ERM(Method):
         x = torch.cat([b.x for b in labelled]) if len(labelled) > 1 else labelled[0].x
         y = torch.cat([b.y for b in labelled]) if len(labelled) > 1 else labelled[0].y
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+        smoothing = self.config.label_smoothing
+        if all(b.weight is None for b in labelled):
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        else:
+            weight = torch.cat(
+                [
+                    b.weight if b.weight is not None else torch.ones_like(b.y, dtype=torch.float32)
+                    for b in labelled
+                ]
+            )
+            per_sample = F.cross_entropy(logits, y, reduction="none", label_smoothing=smoothing)
+            loss = (per_sample * weight).mean()
         acc = (logits.detach().argmax(1) == y).float().mean()
         return {"loss": loss, "acc": acc}

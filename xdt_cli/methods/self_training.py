@@ -71,6 +71,9 @@ class SelfTraining(Method):
     p <- normalise(p * prior / running_mean(p)), with the source's running class frequencies
     as the prior; a class that the target predictions over-use is damped before it can
     become a pseudo-label. Both running distributions are buffers, so they are checkpointed.
+
+    The augmentations assume images in [0, 1] (cutout writes 0, the digits' background), so
+    put `normalize` in the model rather than in the train transforms of a self_training run.
     """
 
     name = "self_training"
