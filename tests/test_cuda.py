@@ -80,5 +80,7 @@ def test_transfer_methods_train_under_mixed_precision(
         runs_dir=tmp_path / "runs",
         reporter=QUIET,
     )
-    assert summary["status"] == "completed", summary.get("error")
-    assert summary["final"]["digits/val/acc"] > 0.5
+    assert summary["status"] == "completed", summary.get("error")  # no non-finite loss
+    # 60 steps: learning, well above chance (0.1); not more, since DANN's first steps swing
+    # at any precision (on the CPU in fp32, seeds 0 and 1 give 0.42 and 0.70 here)
+    assert summary["final"]["digits/val/acc"] > 0.2
