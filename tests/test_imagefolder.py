@@ -304,3 +304,36 @@ def test_an_interrupted_image_folder_run_resumes_bit_identically(
         runs / "straight" / "metrics.jsonl"
     ).read_text()
     assert resumed["final"] == straight["final"]
+
+
+def test_generalize_over_generated_image_folder_domains(cli, tmp_path: Path) -> None:
+    """A disk set as the domains of generalize (PACS's layout, 3 of its 7 classes, a few
+    tiny images): `data.files` says where and how to read every domain."""
+    classes = {"dog": 5, "guitar": 5, "house": 5}
+    pacs = ("art_painting", "cartoon", "photo", "sketch")
+    root = write_image_folder(tmp_path / "PACS", dict.fromkeys(pacs, classes))
+    config = write_config(
+        tmp_path / "dg.yaml",
+        {
+            "data": {
+                "dataset": "pacs",
+                "test_domains": ["sketch"],
+                "files": {
+                    "root": str(root),
+                    "transforms": {"train": [{"resize": [16, 16]}], "eval": [{"resize": [16, 16]}]},
+                },
+            },
+            "model": {"backbone": "cnn"},
+            "method": {"name": "coral"},
+            "train": {"steps": 3, "batch_size": 4, "eval_every": 3, "log_every": 1},
+        },
+    )
+    result = cli("generalize", config, "--json", "--runs-dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed"
+    expected = {"photo/val/acc", "cartoon/test/acc", "sketch/test/acc", "train_domains/val/acc"}
+    assert expected <= set(summary["final"])
+    missing = cli("generalize", config, "data.files.root=/nonexistent", "-q")
+    assert missing.exit_code == 2 and missing.stderr.count("\n") == 1
+    assert "data.files.root" in missing.stderr

@@ -294,6 +294,17 @@ class DomainConfig(Strict):
         return self
 
 
+class DomainFilesConfig(Strict):
+    """`data.files` of generalize: the file-reading keys of a `data.source` section, shared
+    by every domain of `data.dataset` (e.g. PACS's root, transforms and loader)."""
+
+    root: str | None = Field(None, description="the folder holding <domain>/<class>/<image>")
+    download: bool = Field(False, description="torchvision sets: fetch missing files into root")
+    transforms: TransformsConfig = Field(default_factory=TransformsConfig)
+    skip_bad_images: bool = Field(False, description="skip and count undecodable images")
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+
+
 class DataConfig(Strict):
     split_seed: int = Field(
         0,
@@ -323,6 +334,11 @@ class DataConfig(Strict):
     domain_weights: dict[str, float] = Field(
         default_factory=dict,
         description="generalize: lambda_d of a training domain in the loss (default 1.0)",
+    )
+    files: DomainFilesConfig | None = Field(
+        None,
+        description="generalize on a disk set (image folders such as PACS): where every "
+        "domain's files are and how they are read; the keys of a data.source section",
     )
     sample_weights: str = Field(
         "none",
@@ -811,7 +827,14 @@ DEFAULT_RULES = {
     "generalize": "training_domain_val",
 }
 GENERALIZE_RULES = ("training_domain_val", "leave_one_domain_out", "oracle", "last")
-GENERALIZE_KEYS = ("dataset", "domains", "test_domains", "domain_weights", "sample_weights")
+GENERALIZE_KEYS = (
+    "dataset",
+    "domains",
+    "test_domains",
+    "domain_weights",
+    "files",
+    "sample_weights",
+)
 
 
 def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:

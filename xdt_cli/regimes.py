@@ -227,13 +227,16 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
     held_names = list(data.test_domains)
 
     def load(name: str, key: str, held_out: bool) -> Domain:
-        section = DomainConfig(dataset=data.dataset, domain=name)
+        # only the keys given: a key that does not apply to the set is an error there
+        files = data.files.model_dump(exclude_unset=True) if data.files is not None else {}
+        section = DomainConfig(dataset=data.dataset, domain=name, **files)
         return load_configured_domain(
             section, split_seed=data.split_seed, key=key, held_out=held_out
         )
 
-    training = [load(d, "data.domains", False) for d in names]
-    held = [load(d, "data.test_domains", True) for d in held_names]
+    files = data.files is not None  # then a missing folder or bad image names data.files
+    training = [load(d, "data.files" if files else "data.domains", False) for d in names]
+    held = [load(d, "data.files" if files else "data.test_domains", True) for d in held_names]
     first = training[0]
     for other in training[1:] + held:
         check_compatible(first, other, key=f"data.dataset ({other.name})")
