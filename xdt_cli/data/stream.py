@@ -121,26 +121,19 @@ def make_stream(
     """The training stream of one split (in memory or image files); `labelled=False` drops
     the labels (y is None); `weight` (per sample, indexed like the split) rides along in
     every batch. Every stream has `batch(step) -> DomainBatch` and `state_dict()`."""
-    if weight is None:
-        return split.stream(
-            batch_size=batch_size,
-            seed=seed,
-            domain=domain,
-            device=device,
-            labelled=labelled,
-            task=task,
-        )
-    if not hasattr(split, "x"):
-        raise ConfigError(
-            f"data.dataset: per-sample weights need a data set held in memory; domain "
-            f"'{domain}' is read from image files"
-        )
-    return split.stream(
-        batch_size=batch_size,
-        seed=seed,
-        domain=domain,
-        device=device,
-        labelled=labelled,
-        task=task,
-        weight=weight,
-    )
+    options: dict[str, Any] = {
+        "batch_size": batch_size,
+        "seed": seed,
+        "domain": domain,
+        "device": device,
+        "labelled": labelled,
+        "task": task,
+    }
+    if weight is not None:
+        if not hasattr(split, "x"):
+            raise ConfigError(
+                f"data.dataset: per-sample weights need a data set held in memory; domain "
+                f"'{domain}' is read from image files"
+            )
+        options["weight"] = weight
+    return split.stream(**options)
