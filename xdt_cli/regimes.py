@@ -105,7 +105,8 @@ def build_experiment(
     chosen = rule_domain.get(cfg.selection.rule)
     default_metric = f"{(chosen or trained).name}/val/acc"
     groups = param_groups(method, plan, cfg.optim.lr_mult)
-    notes.append(_parameter_note(plan, method))
+    counts = _parameter_counts(plan, method)
+    notes.append(_parameter_note(counts, method))
     return Experiment(
         subcommand=subcommand,
         method=method,
@@ -114,7 +115,7 @@ def build_experiment(
         selection=make_selection(cfg, default_metric=default_metric, eval_sets=eval_sets),
         param_groups=groups,
         unfreeze=plan.scheduled,
-        parameters=_parameter_counts(plan, method),
+        parameters=counts,
         notes=notes,
     )
 
@@ -147,20 +148,18 @@ def _parameter_counts(plan, method) -> dict[str, int]:
         for n, p in method.named_parameters()
         if not n.startswith("model.") and p.requires_grad  # not e.g. DELTA's frozen copy
     )
+    released = {n for names in plan.scheduled.values() for n in names}
     return {
         "trainable": plan.trainable,
         "fixed": plan.fixed,
         "unfrozen_later": sum(
-            p.numel()
-            for n, p in method.model.named_parameters()
-            if n in {x for names in plan.scheduled.values() for x in names}
+            p.numel() for n, p in method.model.named_parameters() if n in released
         ),
         "method": own,
     }
 
 
-def _parameter_note(plan, method) -> str:
-    counts = _parameter_counts(plan, method)
+def _parameter_note(counts: dict[str, int], method) -> str:
     text = f"parameters: {counts['trainable']:,} trainable, {counts['fixed']:,} fixed"
     if counts["unfrozen_later"]:
         text += f", {counts['unfrozen_later']:,} unfrozen later"
@@ -282,7 +281,8 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
         f"training domains: {', '.join(names)}; held out: {', '.join(held_names)}; "
         f"selection: {selection.rule}" + (f" on {selection.metric}" if selection.metric else "")
     )
-    notes.append(_parameter_note(plan, method))
+    counts = _parameter_counts(plan, method)
+    notes.append(_parameter_note(counts, method))
     return Experiment(
         subcommand="generalize",
         method=method,
@@ -291,7 +291,7 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
         selection=selection,
         param_groups=param_groups(method, plan, cfg.optim.lr_mult),
         unfreeze=plan.scheduled,
-        parameters=_parameter_counts(plan, method),
+        parameters=counts,
         notes=notes,
         averages=averages,
         run_files={"weights.json": record},
