@@ -33,7 +33,7 @@ from pydantic import (
 
 from xdt_cli.errors import ConfigError
 
-SUBCOMMANDS = ("train-source", "finetune", "transfer", "generalize")
+SUBCOMMANDS = ("train-source", "finetune", "transfer", "multitask", "generalize")
 
 
 class Strict(BaseModel):
@@ -294,6 +294,39 @@ class DomainConfig(Strict):
         return self
 
 
+TASK_KEYS = ("label", "loss", "weight", "missing_labels")  # the rest is the task's data
+
+
+class TaskConfig(DomainConfig):
+    """One task of `xdt multitask`: its data (the keys of a `data.source` section), its
+    label, its loss and its static weight. Tasks whose data keys are all equal read the same
+    inputs (one batch per step, several labels); a task with its own data gets its own batch.
+    """
+
+    label: str = Field(
+        "class",
+        description="class (the set's class index), parity (even/odd of an integer class "
+        "name), or a label of the set, e.g. left, right or sum of multimnist5k",
+    )
+    loss: Literal["ce", "bce", "mse"] = Field(
+        "ce", description="ce: classes; bce: a 0/1 label; mse: the label as a number"
+    )
+    weight: float | None = Field(
+        None, ge=0, description="lambda_i of the static weighting (default 1; static only)"
+    )
+    missing_labels: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="hide this fraction of the task's training labels (seeded by "
+        "data.split_seed): those samples add nothing to its loss",
+    )
+
+    def data_key(self) -> str:
+        """The task's data, as text: tasks with the same key share their inputs."""
+        return self.model_dump_json(exclude=set(TASK_KEYS))
+
+
 class DomainFilesConfig(Strict):
     """`data.files` of generalize: the file-reading keys of a `data.source` section, shared
     by every domain of `data.dataset` (e.g. PACS's root, transforms and loader)."""
@@ -340,6 +373,10 @@ class DataConfig(Strict):
         description="generalize on a disk set (image folders such as PACS): where every "
         "domain's files are and how they are read; the keys of a data.source section",
     )
+    tasks: dict[str, TaskConfig] = Field(
+        default_factory=dict,
+        description="multitask: task name -> its data, label, loss and weight",
+    )
     sample_weights: str = Field(
         "none",
         description="generalize: per-sample weights: none, class_balanced, "
@@ -349,6 +386,14 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _weights(self) -> DataConfig:
+        for name in self.tasks:
+            if name in ("avg", "train"):
+                raise ValueError(f"data.tasks.{name}: '{name}' is reserved in metric names")
+            if not name.isidentifier():
+                raise ValueError(
+                    f"data.tasks.{name}: a task name is a letter or _ then letters, digits "
+                    "or _ (it names metrics such as left/test/acc)"
+                )
         for name, value in self.domain_weights.items():
             if not (value >= 0 and value < float("inf")):
                 raise ValueError(f"data.domain_weights.{name}: expected a weight >= 0, got {value}")
@@ -402,11 +447,21 @@ class ModelConfig(Strict):
         default_factory=dict,
         description="gradual unfreezing: {pattern: step}; those parameters train from that step",
     )
+    arch: Literal["hps", "mmoe"] | None = Field(
+        None,
+        description="multitask: hps (one shared encoder, a head per task; the default) or "
+        "mmoe (model.experts copies of the backbone mixed by a softmax gate per task)",
+    )
+    experts: int | None = Field(
+        None, gt=0, strict=True, description="multitask, arch mmoe: the number of experts (3)"
+    )
 
     @model_validator(mode="after")
     def _k_needs_preset(self) -> ModelConfig:
         if self.k_blocks is not None and self.preset != "last_k_blocks":
             raise ValueError("model.k_blocks is only used with model.preset: last_k_blocks")
+        if self.experts is not None and self.arch != "mmoe":
+            raise ValueError("model.experts is only used with model.arch: mmoe")
         for pattern, step in self.unfreeze.items():
             if isinstance(step, bool) or step < 0:
                 raise ValueError(f"model.unfreeze.{pattern}: expected a step >= 0, got {step}")
@@ -584,6 +639,7 @@ class SelectionConfig(Strict):
             "training_domain_val",
             "leave_one_domain_out",
             "oracle",
+            "task_val",
         ]
         | None
     ) = Field(
@@ -593,7 +649,9 @@ class SelectionConfig(Strict):
         "under transfer it uses target labels and is reported as such); last: the final step. "
         "generalize: training_domain_val (default: the mean val acc of the training domains), "
         "leave_one_domain_out (the mean val acc of the held-out domains after the first of "
-        "data.test_domains) or oracle (the held-out domains' val split, for reference only)",
+        "data.test_domains) or oracle (the held-out domains' val split, for reference only). "
+        "multitask: task_val (default: avg/val/acc, the mean val acc of the classification "
+        "tasks; avg/val/mse when every task is mse)",
     )
     metric: str | None = Field(None, description="default <domain>/val/acc of the rule's domain")
     mode: Literal["max", "min"] | None = Field(None, description="default: min for */loss")
@@ -603,7 +661,7 @@ class MethodSection(BaseModel):
     """`method.name` plus that method's own hyper-parameters, checked by its Config."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = "erm"
+    name: str = Field("erm", description="the learning rule (multitask default: static)")
 
 
 class ExperimentConfig(Strict):
@@ -789,6 +847,8 @@ def validate_config(
 
     load_plugins("methods")  # third-party methods (entry-point group xdt.methods)
 
+    if "name" not in cfg.method.model_fields_set and subcommand in DEFAULT_METHODS:
+        cfg.method.name = DEFAULT_METHODS[subcommand]  # resolved: config.yaml names it
     method_name = cfg.method.name
     method_cls = METHODS.get(method_name)
     if method_cls is None:
@@ -820,12 +880,15 @@ def validate_config(
     return cfg
 
 
+DEFAULT_METHODS = {"multitask": "static"}  # method.name when not given (else erm)
 DEFAULT_RULES = {
     "train-source": "source_val",
     "finetune": "target_val",
     "transfer": "source_val",
     "generalize": "training_domain_val",
+    "multitask": "task_val",
 }
+MULTITASK_RULES = ("task_val", "last")
 GENERALIZE_RULES = ("training_domain_val", "leave_one_domain_out", "oracle", "last")
 GENERALIZE_KEYS = (
     "dataset",
@@ -841,9 +904,16 @@ def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
     """Settings that the schema accepts but this subcommand cannot run."""
     if subcommand not in SUBCOMMANDS:
         return [f"unknown subcommand '{subcommand}'"]
+    problems = _model_problems(cfg, subcommand)
     if subcommand == "generalize":
-        return _generalize_problems(cfg)
-    data, problems = cfg.data, []
+        return problems + _generalize_problems(cfg)
+    if subcommand == "multitask":
+        return problems + _multitask_problems(cfg)
+    data = cfg.data
+    if data.tasks:
+        problems.append(f"data.tasks: only used by multitask (not {subcommand})")
+    if cfg.selection.rule in MULTITASK_RULES[:1]:
+        problems.append(f"selection.rule: {cfg.selection.rule} is a rule of multitask")
     default = DataConfig()
     for key in GENERALIZE_KEYS:
         if getattr(data, key) != getattr(default, key):
@@ -876,6 +946,47 @@ def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
     return problems
 
 
+def _model_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
+    if subcommand == "multitask":
+        if cfg.model.preset is not None:
+            return [
+                "model.preset: presets choose a single head; under multitask freeze the "
+                "encoder with model.freeze (e.g. [features]) instead"
+            ]
+        return []
+    return [
+        f"model.{key}: only used by multitask (not {subcommand})"
+        for key in ("arch", "experts")
+        if getattr(cfg.model, key) is not None
+    ]
+
+
+def _multitask_problems(cfg: ExperimentConfig) -> list[str]:
+    """multitask reads data.tasks (and data.split_seed) only; `weight` belongs to static."""
+    data, problems = cfg.data, []
+    for key in ("source", "target", *GENERALIZE_KEYS):
+        if getattr(data, key) != getattr(DataConfig(), key):
+            problems.append(f"data.{key}: multitask reads data.tasks (not data.{key})")
+    if not data.tasks:
+        problems.append(
+            "data.tasks: required by multitask, e.g. {left: {dataset: multimnist5k, "
+            "label: left}, right: {dataset: multimnist5k, label: right}}"
+        )
+    if cfg.method.name != "static":
+        for name, task in data.tasks.items():
+            if task.weight is not None:
+                problems.append(
+                    f"data.tasks.{name}.weight: only the static weighting reads task weights "
+                    f"(method.name is {cfg.method.name})"
+                )
+    if cfg.selection.rule not in MULTITASK_RULES:
+        problems.append(
+            f"selection.rule: {cfg.selection.rule} is not a rule of multitask "
+            f"(one of {', '.join(MULTITASK_RULES)})"
+        )
+    return problems
+
+
 def _generalize_problems(cfg: ExperimentConfig) -> list[str]:
     """generalize reads `data.dataset`, its domains and the held-out ones; domain names are
     checked against the data set (unknown names, overlaps, nothing left to train on)."""
@@ -886,6 +997,8 @@ def _generalize_problems(cfg: ExperimentConfig) -> list[str]:
                 f"data.{key}: generalize reads data.dataset, data.domains and "
                 "data.test_domains (not data.source / data.target)"
             )
+    if data.tasks:
+        problems.append("data.tasks: only used by multitask (not generalize)")
     if cfg.selection.rule not in GENERALIZE_RULES:
         problems.append(
             f"selection.rule: {cfg.selection.rule} is not a rule of generalize "

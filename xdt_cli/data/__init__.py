@@ -9,7 +9,7 @@ themselves when this package is imported; plug-ins add more (see plugins.py).
 
 from __future__ import annotations
 
-from xdt_cli.data import derived, embedded, imagefolder, torchvision_sets  # noqa: F401, I001  (register)
+from xdt_cli.data import derived, embedded, imagefolder, multimnist, torchvision_sets  # noqa: F401, I001  (register)
 from xdt_cli.data.disk import FileSplit, FileStream
 from xdt_cli.data.registry import (
     DATASETS,

@@ -49,6 +49,8 @@ class DomainRequest:
     download: bool = False
     skip_bad_images: bool = False
     key: str = field(default="data.source", compare=False)
+    # data.split_seed: only read by sets built from another set's splits (multimnist5k)
+    split_seed: int = 0
 
 
 @dataclass
@@ -97,6 +99,9 @@ class DatasetSpec:
     open: Callable[[DomainRequest], RawDomain] | None = field(default=None, repr=False)
     classes: tuple[str, ...] | None = None
     kind: str = "memory"
+    # extra labels of a sample, as functions of its class index: `data.tasks.<task>.label`
+    # (multitask), e.g. multimnist5k's left and right digits
+    labels: dict[str, Callable[[Tensor], Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if (self.load is None) == (self.open is None):
@@ -247,6 +252,7 @@ def load_configured_domain(
             download=domain_cfg.download,
             skip_bad_images=domain_cfg.skip_bad_images,
             key=key,
+            split_seed=split_seed,
         )
         raw = _open_raw(request)
 
@@ -351,6 +357,11 @@ def _select_classes(
     lookup = torch.tensor([kept.index(n) if n in kept else -1 for n in renamed], dtype=torch.long)
     parts = {}
     for name, part in raw.parts.items():
+        if bool((part.y < 0).any()):
+            raise ConfigError(
+                f"{key}.classes: {dataset} has samples without a label (-1); class selection "
+                "needs every sample's class"
+            )
         y = lookup[part.y]
         keep = torch.nonzero(y >= 0).flatten()
         taken = part.take(keep)
