@@ -232,3 +232,80 @@ def create_model(backbone: str, input_shape: tuple[int, ...], num_classes: int) 
             )
         features, feature_dim = _torchvision_features(backbone, channels)
     return Classifier(features, feature_dim, num_classes)
+
+
+# --------------------------------------------------------------------------- multitask
+class MultiTaskModel(nn.Module):
+    """Shared parameters plus one head per task (`xdt multitask`), in two architectures:
+
+    - `hps`, hard parameter sharing (Caruana 1997): one encoder `features` whose vector feeds
+      every task's linear head `heads.<task>`.
+    - `mmoe`, multi-gate mixture of experts (Ma et al. 2018, KDD, "Modeling Task
+      Relationships in Multi-task Learning with Multi-gate Mixture-of-Experts"): `experts`
+      copies of the backbone (`experts.<k>`), and per task a softmax gate `gates.<task>`, a
+      linear map of the flattened image to expert weights (as LibMTL builds it for images);
+      a task's vector is its gate's mixture of the expert vectors, then its head.
+
+    `encode(x)` gives the shared representation (the output of the shared parameters:
+    [B, D] for hps, [B, E, D] for mmoe) and `decode(rep, x, tasks)` the outputs of `tasks`
+    from it, so that MGDA-UB can differentiate the task losses with respect to `rep`.
+    Each head's width is 1 for `bce` and `mse` tasks and the class count for `ce`.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        input_shape: tuple[int, ...],
+        heads: dict[str, int],
+        *,
+        arch: str = "hps",
+        experts: int = 3,
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.frozen_bn: list[str] = []  # as Classifier.frozen_bn (model.freeze_bn)
+        if arch == "hps":
+            probe = create_model(backbone, input_shape, 1)
+            self.features = probe.features
+            dim = probe.feature_dim
+        elif arch == "mmoe":
+            built = [create_model(backbone, input_shape, 1) for _ in range(experts)]
+            self.experts = nn.ModuleList(b.features for b in built)
+            dim = built[0].feature_dim
+            flat = int(torch.tensor(input_shape).prod())
+            self.gates = nn.ModuleDict({t: nn.Linear(flat, experts) for t in heads})
+        else:
+            raise ConfigError(f"model.arch: unknown architecture '{arch}' (hps or mmoe)")
+        self.feature_dim = dim
+        self.heads = nn.ModuleDict({t: nn.Linear(dim, width) for t, width in heads.items()})
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The parameters every task's loss reaches (theta_shared): the encoder or experts."""
+        module = self.features if self.arch == "hps" else self.experts
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def encode(self, x: Tensor) -> Tensor:
+        if self.arch == "hps":
+            return self.features(x)
+        return torch.stack([expert(x) for expert in self.experts], dim=1)
+
+    def decode(self, rep: Tensor, x: Tensor, tasks: list[str]) -> dict[str, Tensor]:
+        out = {}
+        for task in tasks:
+            if self.arch == "hps":
+                vector = rep
+            else:
+                gate = torch.softmax(self.gates[task](x.flatten(1)), dim=-1)  # [B, E]
+                vector = (gate.unsqueeze(-1) * rep).sum(dim=1)
+            out[task] = self.heads[task](vector)
+        return out
+
+    def forward(self, x: Tensor, tasks: list[str] | None = None) -> dict[str, Tensor]:
+        return self.decode(self.encode(x), x, list(self.heads) if tasks is None else tasks)
+
+    def train(self, mode: bool = True) -> MultiTaskModel:
+        super().train(mode)
+        if mode:  # frozen batch norm keeps its running statistics (see freezing.py)
+            for name in self.frozen_bn:
+                self.get_submodule(name).eval()
+        return self

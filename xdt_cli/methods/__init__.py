@@ -45,3 +45,11 @@ from xdt_cli.methods import coral  # noqa: E402, F401
 from xdt_cli.methods import mmd  # noqa: E402, F401
 from xdt_cli.methods import mixup  # noqa: E402, F401
 from xdt_cli.methods import mldg  # noqa: E402, F401
+from xdt_cli.methods import static  # noqa: E402, F401
+from xdt_cli.methods import equal  # noqa: E402, F401
+from xdt_cli.methods import uncertainty  # noqa: E402, F401
+from xdt_cli.methods import dwa  # noqa: E402, F401
+from xdt_cli.methods import gradnorm  # noqa: E402, F401
+from xdt_cli.methods import pcgrad  # noqa: E402, F401
+from xdt_cli.methods import mgda  # noqa: E402, F401
+from xdt_cli.methods import rlw  # noqa: E402, F401
