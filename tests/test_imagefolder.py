@@ -337,3 +337,37 @@ def test_generalize_over_generated_image_folder_domains(cli, tmp_path: Path) -> 
     missing = cli("generalize", config, "data.files.root=/nonexistent", "-q")
     assert missing.exit_code == 2 and missing.stderr.count("\n") == 1
     assert "data.files.root" in missing.stderr
+
+
+def test_image_folder_domains_as_the_tasks_of_multitask(cli, tmp_path: Path) -> None:
+    """Each domain of a disk set as a task of its own (one data set per task, as LibMTL
+    treats Office-31's domains), plus a second task on one domain's images (same batch)."""
+    root = three_domains(tmp_path / "set", per_class=6)
+    data = {
+        "dataset": "imagefolder",
+        "root": str(root),
+        "transforms": {"train": [{"resize": [16, 16]}], "eval": [{"resize": [16, 16]}]},
+    }
+    config = write_config(
+        tmp_path / "mt.yaml",
+        {
+            "data": {
+                "tasks": {
+                    "a": {**data, "domain": "a"},
+                    "b": {**data, "domain": "b"},
+                    "a_too": {**data, "domain": "a", "label": "class", "loss": "ce"},
+                }
+            },
+            "model": {"backbone": "cnn"},
+            "train": {"steps": 3, "batch_size": 4, "eval_every": 3, "log_every": 1},
+        },
+    )
+    result = cli("multitask", config, "--json", "--runs-dir", tmp_path / "runs", "--name", "mt")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert {"a/test/acc", "b/test/acc", "a_too/val/acc", "avg/val/acc"} <= set(summary["final"])
+    tasks = json.loads((tmp_path / "runs" / "mt" / "tasks.json").read_text())["tasks"]
+    assert tasks["a"]["inputs"] == tasks["a_too"]["inputs"] == "a"
+    assert tasks["b"]["splits"]["test"]["samples"] == len(load(root, "b").splits["test"])
+    parity = cli("multitask", config, "data.tasks.a_too.label=parity", "-q")
+    assert parity.exit_code == 2 and "data.tasks.a_too.label: parity" in parity.stderr

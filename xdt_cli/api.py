@@ -14,7 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from xdt_cli.config import _read_with_bases, apply_overrides, dump_config, load_config
+from xdt_cli.config import (
+    ExperimentConfig,
+    _read_with_bases,
+    apply_overrides,
+    dump_config,
+    load_config,
+)
 from xdt_cli.engine import Engine
 from xdt_cli.errors import CheckpointError, ConfigError, XdtError
 from xdt_cli.files import atomic_write_text
@@ -37,8 +43,13 @@ def start_run(
     overwrite: bool = False,
     reporter: Reporter | None = None,
     argv: list[str] | None = None,
+    single_task_baselines: bool = False,
+    baselines_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Validate the config, build the experiment, claim a run folder and train.
+
+    `single_task_baselines` (multitask): first train (or reuse, from `baselines_dir`,
+    default `<runs-dir>/single_task`) each task alone; summary.json then holds Delta_m.
 
     Returns the summary (also in `<run>/summary.json`). Raises XdtError for bad input and
     RunInterrupted when stopped by a signal (after saving last.pt).
@@ -49,8 +60,48 @@ def start_run(
     )
     runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     _resolve_from_run(cfg, runs_root)
+    extra: dict[str, Any] = {}
+    if single_task_baselines:
+        from xdt_cli.baselines import run_baselines
+
+        if subcommand != "multitask":
+            raise XdtError("--single-task-baselines: only multitask runs have tasks")
+        folder = Path(baselines_dir) if baselines_dir else runs_root / "single_task"
+        extra["single_task"] = run_baselines(cfg, folder, reporter=reporter)
+    elif baselines_dir is not None:
+        raise XdtError("--baselines-dir: only used with --single-task-baselines")
+    return run_config(
+        subcommand,
+        cfg,
+        runs_root,
+        name=name,
+        overwrite=overwrite,
+        reporter=reporter,
+        argv=argv,
+        summary_extra=extra,
+    )
+
+
+def run_config(
+    subcommand: str,
+    cfg: ExperimentConfig,
+    runs_root: Path,
+    *,
+    name: str | None,
+    overwrite: bool,
+    reporter: Reporter,
+    argv: list[str] | None,
+    summary_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train a validated config in a new run folder (the second half of `start_run`).
+
+    `summary_extra` (multitask: the single-task baselines) is handed to the experiment,
+    which adds it and the Delta_m that it implies to summary.json."""
     runtime = Runtime.from_env(cfg.device)
     experiment = build_experiment(subcommand, cfg, runtime)
+    if summary_extra:
+        experiment.run_files.update({SINGLE_TASK_FILE: summary_extra["single_task"]})
+        _attach_baselines(experiment, summary_extra["single_task"])
     run = None
     if runtime.is_main:
         path = create_run_dir(
@@ -73,6 +124,17 @@ def start_run(
         reporter.message(note)
     engine = Engine(cfg, experiment, runtime, run=run, reporter=reporter)
     return _fit(engine, reporter, run)
+
+
+SINGLE_TASK_FILE = "single_task.json"  # the baselines of a multitask run, for resume
+
+
+def _attach_baselines(experiment, baselines: dict[str, Any]) -> None:
+    """summary.json gets the baselines and the Delta_m that the run's best metrics imply."""
+    from xdt_cli.baselines import delta_m
+
+    experiment.summary_extra["single_task"] = baselines
+    experiment.finish_summary = lambda summary: {"delta_m": delta_m(summary, baselines)}
 
 
 def _resolve_from_run(cfg, runs_root: Path) -> None:
@@ -109,6 +171,8 @@ def resume_run(
     run.lock()
     resuming = run.last_ckpt.exists()
     experiment = build_experiment(subcommand, cfg, runtime, resuming=resuming)
+    if (run.path / SINGLE_TASK_FILE).is_file():
+        _attach_baselines(experiment, run.read_json(run.path / SINGLE_TASK_FILE))
     engine = Engine(cfg, experiment, runtime, run=run, reporter=reporter)
     if resuming:
         engine.resume_from(run.last_ckpt)

@@ -46,10 +46,12 @@ class TableSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     title: str
-    kind: Literal["comparison", "held_out_domains"] = Field(
+    kind: Literal["comparison", "held_out_domains", "tasks"] = Field(
         "comparison",
         description="held_out_domains: a DomainBed-style table, one column per held-out "
-        "domain (each run's data.test_domains[0]) plus their average",
+        "domain (each run's data.test_domains[0]) plus their average; tasks: multitask runs, "
+        "one column per task (`<task>/<metric>/acc`, or `mse` for a regression task) plus "
+        "Delta_m% against the single-task baselines (runs with --single-task-baselines)",
     )
     metric: str = Field(
         description="e.g. mnist5k/test/acc; for held_out_domains the part after the domain, "
@@ -167,7 +169,11 @@ def run_benchmark(
             )
         train_time += sum(float((r.summary or {}).get("wall_time_s", 0.0)) for r in records)
     for spec in suite.tables:
-        make = held_out_table if spec.kind == "held_out_domains" else comparison_table
+        make = {
+            "comparison": comparison_table,
+            "held_out_domains": held_out_table,
+            "tasks": tasks_table,
+        }[spec.kind]
         tables.append((spec.title, make(spec, records_of, suite.selection)))
     section = _section(suite, jobs, tables, elapsed, train_time)
     write_section(doc, suite.name, section)
@@ -309,6 +315,57 @@ def held_out_table(spec: TableSpec, records_of: dict[str, list], selection: str)
     return "\n".join(lines) + "\n"
 
 
+def tasks_table(spec: TableSpec, records_of: dict[str, list], selection: str) -> str:
+    """Rows: multitask sweeps, then the single-task baselines their runs were compared with;
+    columns: each task's `<task>/<split>/acc` (`mse` for a regression task) and Delta_m%,
+    mean ± std over seeds, at the checkpoint each run chose (its summary: Delta_m is
+    computed there, on the same checkpoint). `spec.metric` is the split, e.g. `test`."""
+    runs = {name: [r for r in records_of[name] if r.completed] for name in spec.rows}
+    kinds: dict[str, str] = {}
+    for r in (r for name in spec.rows for r in runs[name]):
+        for task, section in ((r.config.get("data") or {}).get("tasks") or {}).items():
+            kinds.setdefault(task, (section or {}).get("loss", "ce"))
+    columns = {t: f"{t}/{spec.metric}/{'mse' if k == 'mse' else 'acc'}" for t, k in kinds.items()}
+    header = ["run", "n", *(f"`{c}`" for c in columns.values()), "Delta_m %", "wall time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    baselines: dict[str, dict[str, float]] = {}  # task -> baseline run -> value
+    for name in spec.rows:
+        cells = [f"`{name}`", str(len(runs[name]))]
+        for task, metric in columns.items():
+            values = [(r.summary or {}).get("best", {}).get(metric) for r in runs[name]]
+            cells.append(_fmt_metric([v for v in values if v is not None], kinds[task]))
+        deltas = []
+        for r in runs[name]:
+            summary = r.summary or {}
+            overall = (summary.get("delta_m") or {}).get("overall")
+            if overall is not None:
+                deltas.append(float(overall))
+            for task, base in (summary.get("single_task") or {}).items():
+                baselines.setdefault(task, {})[base["run_dir"]] = float(base["value"])
+        cells.append(_pm(deltas, scale=1.0, digits=2) if deltas else "n/a")
+        walls = [float((r.summary or {}).get("wall_time_s", 0.0)) for r in runs[name]]
+        cells.append(f"{statistics.mean(walls):.1f}" if walls else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    if baselines:
+        cells = ["single-task baselines", str(max(len(v) for v in baselines.values()))]
+        for task in columns:
+            cells.append(_fmt_metric(list(baselines.get(task, {}).values()), kinds[task]))
+        lines.append("| " + " | ".join([*cells, "0 (reference)", ""]) + " |")
+    note = (
+        "Accuracy in %, mse as is; mean ± std over seeds at each run's own chosen checkpoint. "
+        "Delta_m = 100/T sum_t ± (M_t - S_t)/S_t against the single-task baselines "
+        "(sign flipped for mse); positive is better."
+    )
+    lines += ["", note + (f" {spec.note.strip()}" if spec.note else "")]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_metric(values: list[float], kind: str) -> str:
+    if kind == "mse":
+        return _pm(values, scale=1.0, digits=3)
+    return _pm(values)
+
+
 def _in_data_set_order(domains: list[str], records: list) -> list[str]:
     """The domains in their data set's own order (rot0, rot15, ...) when it is registered."""
     from xdt_cli.data import DATASETS
@@ -321,8 +378,8 @@ def _in_data_set_order(domains: list[str], records: list) -> list[str]:
     return sorted(domains, key=lambda d: order.get(d, len(order)))
 
 
-def _pm(values: list[float]) -> str:
+def _pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     if not values:
         return "n/a"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * std:.{digits}f}"

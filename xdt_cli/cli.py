@@ -179,6 +179,7 @@ def _start(
     overwrite,
     debug,
     leave_one_out: bool = False,
+    baselines: tuple[bool, Path | None] = (False, None),
 ) -> None:
     def body() -> int:
         from xdt_cli.api import start_leave_one_out, start_run
@@ -208,6 +209,8 @@ def _start(
             overwrite=overwrite,
             reporter=Reporter(quiet=quiet),
             argv=sys.argv,
+            single_task_baselines=baselines[0],
+            baselines_dir=baselines[1],
         )
         return _finish(summary, as_json)
 
@@ -315,6 +318,60 @@ def transfer(
         as_json,
         overwrite,
         debug,
+    )
+
+
+@app.command("multitask")
+def multitask(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    name: NameOpt = None,
+    runs_dir: RunsDirOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+    single_task_baselines: Annotated[
+        bool,
+        typer.Option(
+            "--single-task-baselines",
+            help="First train each task alone with the same budget (reused when already "
+            "trained), then report the multitask change Delta_m% against them.",
+        ),
+    ] = False,
+    baselines_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--baselines-dir",
+            help="Where single-task baselines are kept and reused [default: "
+            "<runs-dir>/single_task].",
+        ),
+    ] = None,
+) -> None:
+    """Learn several tasks at once through shared parameters.
+
+    Tasks are `data.tasks.<task>` (data set, label, loss, weight); tasks on the same inputs
+    share each batch, a task with its own data set brings its own. `model.arch` is hps (one
+    shared encoder) or mmoe; `method.name` is the task weighting (static, equal, uncertainty,
+    dwa, gradnorm, pcgrad, mgda, rlw), logged as train/weight_<task>.
+
+    Example: xdt multitask configs/multitask/multimnist5k_static.yaml --single-task-baselines
+    """
+    _start(
+        "multitask",
+        config,
+        overrides,
+        name,
+        runs_dir,
+        device,
+        seed,
+        quiet,
+        as_json,
+        overwrite,
+        debug,
+        baselines=(single_task_baselines, baselines_dir),
     )
 
 

@@ -34,6 +34,7 @@ at every log step and before any checkpoint is written, so a NaN never reaches l
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -98,6 +99,13 @@ class Experiment:
     averages: dict[str, list[str]] = field(default_factory=dict)
     # extra JSON files of the run folder, e.g. {"weights.json": {...}}, written at its start
     run_files: dict[str, Any] = field(default_factory=dict)
+    # scores the method instead of `evaluation.evaluate` over `eval_sets` (multitask: per
+    # task metrics); called as evaluator(method, batch_size=, device=, autocast=)
+    evaluator: Callable[..., dict[str, float]] | None = None
+    # extra entries of summary.json (multitask: the single-task baselines), and a function
+    # of the summary giving more (their Delta_m, which needs the run's best metrics)
+    summary_extra: dict[str, Any] = field(default_factory=dict)
+    finish_summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 def add_averages(metrics: dict[str, float], averages: dict[str, list[str]]) -> dict[str, float]:
@@ -318,7 +326,10 @@ class Engine:
             release(self.method.model, due)
 
     def _train_step(self) -> dict[str, Tensor]:
-        batch = [s.batch(self.step) for s in self.streams]
+        batch = []  # a multitask stream gives one batch per task of its inputs
+        for stream in self.streams:
+            part = stream.batch(self.step)
+            batch.extend(part if isinstance(part, list) else [part])
         if self.method.manual_optimization:
             out = self.method.manual_step(batch, self.step, self.opt_step)
         else:
@@ -394,9 +405,11 @@ class Engine:
         """Evaluate, update best.pt and last.pt; return True when early stopping triggers."""
         self._check_finite()
         with self._evaluated_weights():
-            metrics = evaluate(
+            score = self.exp.evaluator
+            if score is None:
+                score = functools.partial(evaluate, eval_sets=self.exp.eval_sets)
+            metrics = score(
                 self.method,
-                self.exp.eval_sets,
                 batch_size=self.cfg.train.eval_batch_size,
                 device=self.device,
                 autocast=self.autocast,
@@ -439,7 +452,10 @@ class Engine:
             "wall_time_s": round(elapsed, 3),
             "early_stopped": early,
             "parameters": self.exp.parameters,
+            **self.exp.summary_extra,
         }
+        if self.exp.finish_summary is not None:
+            summary.update(self.exp.finish_summary(summary))
         if self.cfg.train.ema is not None:
             summary["ema"] = self.cfg.train.ema  # "best" and "final" score the average
         if error is not None:

@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from xdt_cli.data import FileSplit, Split
 from xdt_cli.methods.base import Method
@@ -63,3 +64,61 @@ def evaluate(
     finally:
         method.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def evaluate_tasks(
+    method: Method,
+    groups: list,
+    specs: dict[str, str],
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: AbstractContextManager,
+) -> dict[str, float]:
+    """Multitask: `<task>/<split>/<metric>` for the val and test splits of every task group
+    (data/tasks.py): `acc` and `loss` for ce and bce tasks, `mse` and `mae` for mse tasks.
+    Samples whose label is missing (-1 or NaN) are not counted. `specs`: task -> loss kind."""
+    was_training = method.training
+    method.eval()
+    metrics: dict[str, float] = {}
+    try:
+        for group in groups:
+            for split_name in ("val", "test"):
+                sums = {t: torch.zeros(3, dtype=torch.float64, device=device) for t in group.tasks}
+                labels = {t: y.to(device) for t, y in group.labels[split_name].items()}
+                for x, idx in group.domain.splits[split_name].batches(batch_size, device):
+                    with autocast:
+                        outputs = method.predict_tasks(x, group.tasks)
+                    for task in group.tasks:
+                        sums[task] += _task_sums(
+                            specs[task], outputs[task].float(), labels[task][idx]
+                        )
+                for task in group.tasks:
+                    count, first, second = sums[task].tolist()
+                    names = ("mse", "mae") if specs[task] == "mse" else ("acc", "loss")
+                    n = max(count, 1.0)
+                    metrics[f"{task}/{split_name}/{names[0]}"] = first / n
+                    metrics[f"{task}/{split_name}/{names[1]}"] = second / n
+    finally:
+        method.train(was_training)
+    return metrics
+
+
+def _task_sums(kind: str, out: Tensor, y: Tensor) -> Tensor:
+    """[labelled count, sum of acc (or squared error), sum of loss (or absolute error)]."""
+    if kind == "ce":
+        mask = y >= 0
+        out, y = out[mask], y[mask]
+        first = (out.argmax(1) == y).sum().double()
+        second = F.cross_entropy(out, y, reduction="sum").double()
+    else:
+        mask = ~torch.isnan(y)
+        out, y = out[mask].squeeze(-1), y[mask]
+        if kind == "bce":
+            first = ((out > 0).float() == y).sum().double()
+            second = F.binary_cross_entropy_with_logits(out, y, reduction="sum").double()
+        else:
+            first = ((out - y) ** 2).sum().double()
+            second = (out - y).abs().sum().double()
+    return torch.stack([mask.sum().double(), first, second])

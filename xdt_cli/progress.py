@@ -79,6 +79,25 @@ class Reporter:
             self._progress.stop()
             self._progress = None
 
+    def _delta_m_table(self, summary: dict[str, Any]) -> None:
+        """Multitask against the single-task baselines (best checkpoints, test metric)."""
+        table = Table(title="against single-task baselines", title_justify="left")
+        for column in ("task", "metric", "multitask", "single-task", "delta %"):
+            table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+        delta = summary["delta_m"]
+        for task, base in summary["single_task"].items():
+            change = delta["per_task"].get(task)
+            table.add_row(
+                task,
+                base["metric"],
+                _fmt(summary["best"].get(base["metric"], "")),
+                _fmt(base["value"]),
+                "" if change is None else f"{change:+.2f}",
+            )
+        overall = delta["overall"]
+        table.add_row("Delta_m", "", "", "", "" if overall is None else f"{overall:+.2f}")
+        self.console.print(table)
+
     def summary_table(self, summary: dict[str, Any], run_dir: str | None) -> None:
         if self.quiet:
             return
@@ -101,6 +120,8 @@ class Reporter:
         if sel["metric"]:
             rule += f" on {sel['metric']} ({sel['mode']})"
         self.console.print(f"[dim]{rule}[/dim]")
+        if summary.get("delta_m"):
+            self._delta_m_table(summary)
         if "error" in summary:
             self.console.print(f"[red]error:[/red] {escape(summary['error'])}")
         if run_dir:

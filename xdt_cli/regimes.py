@@ -35,6 +35,7 @@ to `<run>/weights.json`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,14 @@ from torch import Tensor
 from xdt_cli.config import DomainConfig, ExperimentConfig
 from xdt_cli.data import Domain, check_compatible, load_configured_domain, make_stream
 from xdt_cli.data.registry import get_spec
+from xdt_cli.data.tasks import TaskStream, load_task_groups
 from xdt_cli.engine import Experiment, Selection
 from xdt_cli.errors import ConfigError
+from xdt_cli.evaluation import evaluate_tasks
 from xdt_cli.freezing import param_groups, plan_freezing
 from xdt_cli.initialization import initialize
 from xdt_cli.methods import METHODS
-from xdt_cli.models import create_model
+from xdt_cli.models import Classifier, MultiTaskModel, create_model
 from xdt_cli.runtime import Runtime, seed_everything
 from xdt_cli.selection import GENERALIZE_METRICS  # the metric each generalize rule reads
 
@@ -64,6 +67,8 @@ def build_experiment(
     seed_everything(cfg.seed, cfg.train.deterministic)
     if subcommand == "generalize":
         return _build_generalize(cfg, runtime, resuming=resuming)
+    if subcommand == "multitask":
+        return _build_multitask(cfg, runtime, resuming=resuming)
     domains = _domains(subcommand, cfg)
     trained = domains.target if subcommand == "finetune" else domains.source
     assert trained is not None  # config validation requires it
@@ -395,3 +400,123 @@ def _weights_file(path_text: str, sizes: list[int], names: list[str]) -> list[Te
     if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
         raise ConfigError(f"data.sample_weights: {path} holds negative or non-finite weights")
     return list(torch.split(values, sizes))
+
+
+# --------------------------------------------------------------------------- multitask
+def _build_multitask(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool) -> Experiment:
+    """One stream per group of tasks that share inputs (data/tasks.py); every step holds a
+    batch of every group, labelled for each of its tasks. The model is one encoder (hps) or
+    a mixture of experts (mmoe) with a head per task (models.MultiTaskModel)."""
+    groups, specs = load_task_groups(cfg.data.tasks, cfg.data.split_seed)
+    first = groups[0]
+    for group in groups[1:]:
+        if group.domain.input_shape != first.domain.input_shape:
+            raise ConfigError(
+                f"data.tasks.{group.tasks[0]}: its images have shape "
+                f"{group.domain.input_shape} but task {first.tasks[0]}'s have "
+                f"{first.domain.input_shape}; one encoder reads both (add a resize to "
+                f"data.tasks.{group.tasks[0]}.transforms)"
+            )
+    model = MultiTaskModel(
+        cfg.model.backbone,
+        first.domain.input_shape,
+        {t.name: t.outputs for t in specs},
+        arch=cfg.model.arch or "hps",
+        experts=cfg.model.experts or 3,
+    )
+    notes = [
+        f"data.tasks.{g.tasks[0]}: skipped {len(g.domain.skipped)} unreadable images"
+        for g in groups
+        if g.domain.skipped
+    ]
+    if not resuming:
+        message = _initialize_encoders(model, cfg)
+        if message:
+            notes.append(message)
+    plan = plan_freezing(model, cfg.model)
+    method = METHODS[cfg.method.name](model, cfg.method_config, total_steps=cfg.train.steps)
+    method.setup_tasks(specs)
+    method.to(runtime.device)
+    streams = [
+        TaskStream(g, batch_size=cfg.train.batch_size, seed=cfg.seed, device=runtime.device)
+        for g in groups
+    ]
+    kinds = {t.name: t.loss for t in specs}
+    classifying = [t.name for t in specs if t.loss != "mse"]
+    averages = {"avg": classifying or [t.name for t in specs]}
+    selection = _multitask_selection(cfg, kinds, averages["avg"])
+    layout = "; ".join(f"{g.name}: {', '.join(g.tasks)}" for g in groups)
+    notes.append(
+        f"tasks by inputs: {layout}; model {model.arch} ({cfg.model.backbone}); "
+        f"weighting {cfg.method.name}; selection: {selection.rule}"
+        + (f" on {selection.metric}" if selection.metric else "")
+    )
+    counts = _parameter_counts(plan, method)
+    notes.append(_parameter_note(counts, method))
+    return Experiment(
+        subcommand="multitask",
+        method=method,
+        streams=streams,
+        eval_sets={},
+        selection=selection,
+        param_groups=param_groups(method, plan, cfg.optim.lr_mult),
+        unfreeze=plan.scheduled,
+        parameters=counts,
+        notes=notes,
+        averages=averages,
+        evaluator=functools.partial(evaluate_tasks, groups=groups, specs=kinds),
+        run_files={"tasks.json": _tasks_record(groups, specs)},
+    )
+
+
+def _initialize_encoders(model: MultiTaskModel, cfg: ExperimentConfig) -> str | None:
+    """`init` loads a single-task model's features into the encoder (hps) or into every
+    expert (mmoe); each task's head starts new."""
+    encoders = [model.features] if model.arch == "hps" else list(model.experts)
+    message = None
+    for encoder in encoders:  # a view sharing the encoder's modules, so loading fills it
+        message = initialize(Classifier(encoder, model.feature_dim, 1), cfg)
+    if message is None:
+        return None
+    into = "the encoder" if model.arch == "hps" else f"each of the {len(encoders)} experts"
+    return f"{message.split('; ')[0]} into {into}; every task gets a new head"
+
+
+def _multitask_selection(cfg: ExperimentConfig, kinds: dict[str, str], avg: list[str]) -> Selection:
+    if cfg.selection.rule == "last":
+        return Selection(rule="last", metric=None, mode="max")
+    names = {"ce": ("acc", "loss"), "bce": ("acc", "loss"), "mse": ("mse", "mae")}
+    known = [f"{t}/val/{m}" for t, kind in kinds.items() for m in names[kind]]
+    known += [f"avg/val/{m}" for m in names[kinds[avg[0]]]]
+    default = "avg/val/" + names[kinds[avg[0]]][0]
+    metric = cfg.selection.metric or default
+    if metric not in known:
+        test = "/test/" in metric
+        reason = "is a test split; choose on a val split" if test else "is not measured"
+        raise ConfigError(
+            f"selection.metric: '{metric}' {reason}; choose one of {', '.join(known)}"
+        )
+    lower = metric.endswith(("/loss", "/mse", "/mae"))
+    mode = cfg.selection.mode or ("min" if lower else "max")
+    return Selection(rule=str(cfg.selection.rule), metric=metric, mode=mode)
+
+
+def _tasks_record(groups, specs) -> dict[str, Any]:
+    """tasks.json: each task's loss, head, weight and labelled sample counts per split."""
+    tasks = {}
+    for group in groups:
+        for name in group.tasks:
+            spec = next(t for t in specs if t.name == name)
+            labelled = {}
+            for split, labels in group.labels.items():
+                y = labels[name]
+                missing = (y < 0) if y.dtype == torch.long else torch.isnan(y)
+                labelled[split] = {"samples": len(y), "labelled": int((~missing).sum())}
+            tasks[name] = {
+                "inputs": group.name,
+                "loss": spec.loss,
+                "outputs": spec.outputs,
+                "weight": spec.weight,
+                "splits": labelled,
+            }
+    return {"tasks": tasks}

@@ -33,6 +33,9 @@ Domain generalisation (`xdt generalize`; DomainBed's three rules, Gulrajani & Lo
   averages the test domain's result over them).
 - `oracle`: the best `test_domains/val/acc`, the held-out domains' own val split (20% of
   them): a reference that uses test-domain labels, reported as such.
+Multitask (`xdt multitask`): `task_val`, the best `avg/val/acc` (the mean val accuracy of
+the classification tasks; `avg/val/mse`, minimised, when every task is a regression).
+
 The held-out domains' test splits are never read by any rule. As for `source_val`, a run
 trained under the rule with its own `selection.metric` / `mode` is reproduced exactly.
 """
@@ -205,3 +208,27 @@ def oracle(
     config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
 ) -> Row | None:
     return _best_row("oracle", *generalize_criterion(config, "oracle"), eval_rows)
+
+
+def task_criterion(config: Mapping[str, Any]) -> tuple[str, str]:
+    """(metric, mode) of `task_val` for a multitask run: the mean val acc of its
+    classification tasks (`avg/val/acc`), or `avg/val/mse` (minimised) when every task is a
+    regression; its own `selection.metric` / `mode` when it was trained under the rule."""
+    tasks = (config.get("data") or {}).get("tasks") or {}
+    if not tasks:
+        raise XdtError("selection 'task_val': the run is not a multitask run (no data.tasks)")
+    regression = all((t or {}).get("loss", "ce") == "mse" for t in tasks.values())
+    metric, mode = ("avg/val/mse" if regression else "avg/val/acc"), None
+    own = config.get("selection") or {}
+    if own.get("rule") == "task_val":
+        metric = own.get("metric") or metric
+        mode = own.get("mode")
+    lower = metric.endswith(("/loss", "/mse", "/mae"))
+    return metric, mode or ("min" if lower else "max")
+
+
+@register("task_val")
+def task_val(
+    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
+) -> Row | None:
+    return _best_row("task_val", *task_criterion(config), eval_rows)

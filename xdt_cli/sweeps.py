@@ -146,6 +146,17 @@ class SweepFile(_Strict):
     seeds: list[Annotated[int, Field(strict=True)]] = Field(
         default_factory=lambda: [0], min_length=1
     )
+    single_task_baselines: bool = Field(
+        False,
+        description="multitask: run with --single-task-baselines, the baselines kept in "
+        "<runs-dir>/single_task and so shared by every sweep of that runs folder",
+    )
+
+    @model_validator(mode="after")
+    def _baselines(self) -> SweepFile:
+        if self.single_task_baselines and self.subcommand != "multitask":
+            raise ValueError("single_task_baselines: only multitask runs have tasks")
+        return self
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,7 @@ class Sweep:
     grid: dict[str, list[Any]]
     random: RandomSpec | None
     seeds: tuple[int, ...]
+    single_task_baselines: bool = False
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -225,6 +237,7 @@ def load_sweep(path: str | Path) -> Sweep:
         grid=dict(spec.grid),
         random=spec.random,
         seeds=tuple(spec.seeds),
+        single_task_baselines=spec.single_task_baselines,
     )
 
 
@@ -395,6 +408,9 @@ def _argv(sweep: Sweep, sweep_dir: Path, run: PlannedRun) -> list[str]:
         return ["resume", str(run.run_dir), "--quiet", "--json"]
     argv = [sweep.subcommand, str(sweep.config), *run.overrides, "--runs-dir", str(sweep_dir)]
     argv += ["--name", run.name, "--quiet", "--json"]
+    if sweep.single_task_baselines:
+        baselines = sweep_dir.parent / "single_task"
+        argv += ["--single-task-baselines", "--baselines-dir", str(baselines)]
     return argv + (["--overwrite"] if run.action == "restart" else [])
 
 
