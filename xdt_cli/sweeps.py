@@ -187,9 +187,9 @@ def load_sweep(path: str | Path) -> Sweep:
 
     problems: list[str] = []
     name = spec.name if spec.name is not None else path.stem
-    if not re.fullmatch(r"[A-Za-z0-9_=-][A-Za-z0-9._=-]*", name) or ".." in name:
+    if not re.fullmatch(r"[A-Za-z0-9_=+-][A-Za-z0-9._=+-]*", name) or ".." in name:
         problems.append(
-            f"name: '{name}' is the sweep's folder: use letters, digits and ._=- only "
+            f"name: '{name}' is the sweep's folder: use letters, digits and ._=+- only "
             "(no '/', '..' or leading '.')"
         )
     if spec.subcommand not in SUBCOMMANDS:
