@@ -19,6 +19,7 @@ from torch import nn
 
 from tests.conftest import write_config
 from xdt_cli import plugins
+from xdt_cli.checkpoint import load_checkpoint
 from xdt_cli.data import DATASETS
 from xdt_cli.errors import ConfigError
 from xdt_cli.methods import METHODS
@@ -246,12 +247,18 @@ def fake_timm() -> types.ModuleType:
     module = types.ModuleType("timm")
 
     def create_model(name, pretrained=False, num_classes=1000, in_chans=3):
-        assert not pretrained and num_classes == 0
+        assert num_classes == 0
         model = nn.Sequential(nn.Conv2d(in_chans, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         model.num_features = 8
+        if pretrained:  # "ImageNet weights": recognisable values, or no network
+            if name == "offline_net":
+                raise OSError("We couldn't connect to 'https://huggingface.co'")
+            with torch.no_grad():
+                for i, p in enumerate(model.parameters()):
+                    p.fill_(0.5 + i)
         return model
 
-    module.is_model = lambda name: name == "tiny_vit"
+    module.is_model = lambda name: name in ("tiny_vit", "offline_net")
     module.list_models = lambda: ["tiny_vit", "resnet18"]
     module.create_model = create_model
     return module
@@ -266,6 +273,27 @@ def test_a_timm_backbone_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert info.value.lines == [
         "model.backbone: timm has no model 'tiny_vitt' (did you mean 'timm:tiny_vit'?)"
     ]
+
+
+def test_timm_imagenet_weights_fill_the_features_or_fail_in_one_line(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "timm", fake_timm())
+    config = {
+        "data": {"target": {"dataset": "digits"}},
+        "model": {"backbone": "timm:tiny_vit", "freeze": ["features"]},
+        "init": {"pretrained": "imagenet"},
+        "train": {"steps": 1, "batch_size": 8, "eval_every": 1},
+    }
+    path = write_config(tmp_path / "ft.yaml", config)
+    result = cli("finetune", path, "--name", "timm", "-q", "--json")
+    assert result.exit_code == 0, result.stderr
+    state = load_checkpoint(tmp_path / "runs" / "timm" / "checkpoints" / "best.pt")["method"]
+    assert bool((state["model.features.0.weight"] == 0.5).all())  # 1 channel, as timm adapts
+    assert bool((state["model.features.0.bias"] == 1.5).all())
+    offline = cli("finetune", path, "model.backbone=timm:offline_net", "-q")
+    assert offline.exit_code == 2 and offline.stderr.count("\n") == 1, offline.stderr
+    assert "init.pretrained: ImageNet weights of timm:offline_net" in offline.stderr
 
 
 def test_timm_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:

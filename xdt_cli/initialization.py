@@ -10,7 +10,8 @@ returns one line that says what it did. The rules:
   `head.*`) or of the torchvision model named by `model.backbone` (its last linear layer
   becomes our head), e.g. `torch.save(torchvision.models.resnet18().state_dict(), path)`.
 - `pretrained: imagenet`: torchvision's default ImageNet weights of the backbone, read from
-  torch's cache (`$TORCH_HOME/hub/checkpoints`) or downloaded into it when online.
+  torch's cache (`$TORCH_HOME/hub/checkpoints`) or downloaded into it when online; for a
+  `timm:<name>` backbone, timm's default pretrained weights (the Hugging Face cache).
 
 The head is kept when its shape matches this run's class count, and a new (randomly
 initialised) head is used otherwise, so a 1000-class ImageNet model or a 10-class source
@@ -131,6 +132,8 @@ def _map_backbone_state(
 
 
 def _imagenet(backbone: str, model: Classifier) -> dict[str, Tensor]:
+    if backbone.startswith("timm:"):
+        return _timm_imagenet(backbone.removeprefix("timm:"), model)
     import torchvision
 
     try:
@@ -154,6 +157,26 @@ def _imagenet(backbone: str, model: Classifier) -> dict[str, Tensor]:
             "that folder on a machine with network, or use init.weights with a local file"
         ) from None
     return _map_backbone_state(state, model, f"init.pretrained: {cache}")
+
+
+def _timm_imagenet(name: str, model: Classifier) -> dict[str, Tensor]:
+    """timm's default pretrained weights of `name` (from the Hugging Face cache, downloaded
+    into it when online), built as our features are: no classifier, the data's channels
+    (timm adapts the first layer's weights to them)."""
+    import timm  # model creation already required it
+
+    channels = next(p for p in model.features.parameters() if p.dim() == 4).shape[1]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            pretrained = timm.create_model(name, pretrained=True, num_classes=0, in_chans=channels)
+    except Exception as exc:  # noqa: BLE001  (hub, network and file errors have many types)
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"init.pretrained: ImageNet weights of timm:{name} are not in the Hugging Face "
+            f"cache and could not be downloaded ({reason}); fetch them on a machine with "
+            "network (HF_HOME sets the cache), or use init.weights with a local file"
+        ) from None
+    return {f"features.{k}": v for k, v in pretrained.state_dict().items()}
 
 
 def _load(model: Classifier, state: dict[str, Any], key: str) -> str:

@@ -79,12 +79,7 @@ def build_experiment(
         for key, d in (("data.source", domains.source), ("data.target", domains.target))
         if d is not None and d.skipped
     ]
-    if not resuming:
-        message = initialize(model, cfg)
-        if message:
-            notes.append(message)
-    plan = plan_freezing(model, cfg.model)
-    method = METHODS[cfg.method.name](model, cfg.method_config, total_steps=cfg.train.steps)
+    method, plan = _make_method(model, cfg, notes, init=None if resuming else initialize)
     method.to(runtime.device)
 
     def stream(domain: Domain, labelled: bool):
@@ -123,6 +118,18 @@ def build_experiment(
         parameters=counts,
         notes=notes,
     )
+
+
+def _make_method(model, cfg: ExperimentConfig, notes: list[str], *, init) -> tuple[Any, Any]:
+    """Load `init` into the model (`init` None: resuming, last.pt has the weights), decide
+    theta_fix / theta_upd, and wrap the model in the method. A note says what init did."""
+    if init is not None:
+        message = init(model, cfg)
+        if message:
+            notes.append(message)
+    plan = plan_freezing(model, cfg.model)
+    method = METHODS[cfg.method.name](model, cfg.method_config, total_steps=cfg.train.steps)
+    return method, plan
 
 
 @dataclass
@@ -247,12 +254,7 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
 
     model = create_model(cfg.model.backbone, first.input_shape, first.num_classes)
     notes = []
-    if not resuming:
-        message = initialize(model, cfg)
-        if message:
-            notes.append(message)
-    plan = plan_freezing(model, cfg.model)
-    method = METHODS[cfg.method.name](model, cfg.method_config, total_steps=cfg.train.steps)
+    method, plan = _make_method(model, cfg, notes, init=None if resuming else initialize)
     method.setup_domains(names)
     method.to(runtime.device)
 
@@ -429,12 +431,8 @@ def _build_multitask(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool)
         for g in groups
         if g.domain.skipped
     ]
-    if not resuming:
-        message = _initialize_encoders(model, cfg)
-        if message:
-            notes.append(message)
-    plan = plan_freezing(model, cfg.model)
-    method = METHODS[cfg.method.name](model, cfg.method_config, total_steps=cfg.train.steps)
+    init = None if resuming else _initialize_encoders
+    method, plan = _make_method(model, cfg, notes, init=init)
     method.setup_tasks(specs)
     method.to(runtime.device)
     streams = [
