@@ -325,3 +325,18 @@ def test_a_missing_class_stays_missing_in_every_derived_label() -> None:
     assert parity.tolist() == [1, -1, 1]
     odd = derive_label(domain, TaskConfig(dataset="digits", label="parity", loss="bce"), y, "k")
     assert odd[0] == 1 and math.isnan(odd[1])
+
+
+def test_a_sweep_passes_single_task_baselines_only_for_multitask(tmp_path: Path) -> None:
+    from xdt_cli.sweeps import load_sweep, plan
+
+    write_config(tmp_path / "mm.yaml", MM)
+    spec = {"subcommand": "multitask", "config": "mm.yaml", "single_task_baselines": True}
+    (tmp_path / "a+b.yaml").write_text(yaml.safe_dump(spec))
+    planned = plan(load_sweep(tmp_path / "a+b.yaml"), tmp_path / "runs")
+    argv = planned.runs[0].argv
+    shared = str(tmp_path / "runs" / "single_task")
+    assert argv[-3:] == ["--single-task-baselines", "--baselines-dir", shared]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "subcommand": "train-source"}))
+    with pytest.raises(ConfigError, match="single_task_baselines: only multitask"):
+        load_sweep(tmp_path / "bad.yaml")
