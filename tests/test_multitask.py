@@ -164,6 +164,7 @@ def test_multitask_keys_are_refused_elsewhere(cli, tmp_path: Path) -> None:
     for override, key in [
         ("data.tasks={a: {dataset: digits}}", "data.tasks"),
         ("model.arch=mmoe", "model.arch"),
+        ("model.heads={a: [4]}", "model.heads"),
         ("selection.rule=task_val", "selection.rule"),
     ]:
         result = cli("train-source", path, override)
@@ -340,3 +341,28 @@ def test_a_sweep_passes_single_task_baselines_only_for_multitask(tmp_path: Path)
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "subcommand": "train-source"}))
     with pytest.raises(ConfigError, match="single_task_baselines: only multitask"):
         load_sweep(tmp_path / "bad.yaml")
+
+
+def test_task_heads_are_towers_and_baselines_keep_only_their_own(tmp_path: Path) -> None:
+    from xdt_cli.baselines import baseline_config, baseline_name
+    from xdt_cli.config import load_config
+
+    config = {**MM, "model": {"backbone": "lenet", "heads": {"left": [32, 16]}}}
+    path = write_config(tmp_path / "mt.yaml", config)
+    summary = start(tmp_path, config, "towers")
+    assert summary["status"] == "completed"
+    state = torch.load(tmp_path / "runs" / "towers" / "checkpoints" / "best.pt", weights_only=True)[
+        "method"
+    ]
+    assert state["model.heads.left.0.weight"].shape == (32, 84)  # lenet's 84 features
+    assert state["model.heads.left.4.weight"].shape == (10, 16)
+    assert state["model.heads.right.weight"].shape == (10, 84)  # linear by default
+    cfg = load_config(path, subcommand="multitask")
+    assert baseline_config(cfg, "left").model.heads == {"left": [32, 16]}
+    assert baseline_config(cfg, "right").model.heads == {}
+    plain = load_config(write_config(tmp_path / "p.yaml", MM), subcommand="multitask")
+    assert baseline_name(baseline_config(plain, "right"), "right") == baseline_name(
+        baseline_config(cfg, "right"), "right"
+    )  # another task's head does not change this task's baseline
+    with pytest.raises(ConfigError, match="model.heads.lft: not a task"):
+        load_config(path, ["model.heads={lft: [8]}"], subcommand="multitask")

@@ -3,7 +3,7 @@
 
 Each task is trained alone with the same budget: the run's config with `data.tasks` reduced
 to that task (its static weight dropped), `method.name: static`, hard parameter sharing (one
-encoder and one head: the plain single-task network), and the same backbone, init, optim,
+encoder and the task's own head: the plain single-task network), and the same backbone, init, optim,
 schedule, train, selection rule, seed and split seed. A baseline lives in
 `<baselines dir>/<task>-seed<S>-<hash>`, the hash being that of its resolved config, so it
 is trained once per (task data, settings, seed) and reused by every multitask run that
@@ -37,15 +37,29 @@ def baseline_config(cfg: ExperimentConfig, task: str) -> ExperimentConfig:
     section.pop("weight", None)
     data["data"]["tasks"] = {task: section}
     data["method"] = {"name": "static"}
-    data["model"] = {**data["model"], "arch": None, "experts": None}
+    heads = {task: data["model"]["heads"][task]} if task in data["model"]["heads"] else {}
+    data["model"] = {**data["model"], "arch": None, "experts": None, "heads": heads}
     data["selection"] = {"rule": data["selection"]["rule"]}
     data["name"] = f"single_task_{task}"
     return validate_config(data, source=f"single-task baseline of {task}", subcommand="multitask")
 
 
 def baseline_name(cfg: ExperimentConfig, task: str) -> str:
-    text = json.dumps(cfg.model_dump(mode="json", exclude={"name"}), sort_keys=True)
+    """`<task>-seed<S>-<hash>`: the hash of every setting that is not empty (None, {}, []),
+    so a key added to the schema later, empty by default, keeps old baselines found."""
+    flat = _flatten(cfg.model_dump(mode="json", exclude={"name"}))
+    kept = {k: v for k, v in flat.items() if v not in (None, {}, [])}
+    text = json.dumps(kept, sort_keys=True)
     return f"{task}-seed{cfg.seed}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict) or not data:
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
 
 
 def test_metric(cfg: ExperimentConfig, task: str) -> tuple[str, bool]:

@@ -455,6 +455,12 @@ class ModelConfig(Strict):
     experts: int | None = Field(
         None, gt=0, strict=True, description="multitask, arch mmoe: the number of experts (3)"
     )
+    heads: dict[str, list[Annotated[int, Field(gt=0, strict=True)]]] = Field(
+        default_factory=dict,
+        description="multitask: a task's head as the widths of its hidden layers (a tower "
+        "of linear+ReLU layers, as in MMoE), e.g. {left: [64]}; a task not listed gets a "
+        "linear head",
+    )
 
     @model_validator(mode="after")
     def _k_needs_preset(self) -> ModelConfig:
@@ -956,8 +962,8 @@ def _model_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
         return []
     return [
         f"model.{key}: only used by multitask (not {subcommand})"
-        for key in ("arch", "experts")
-        if getattr(cfg.model, key) is not None
+        for key in ("arch", "experts", "heads")
+        if getattr(cfg.model, key)
     ]
 
 
@@ -967,6 +973,12 @@ def _multitask_problems(cfg: ExperimentConfig) -> list[str]:
     for key in ("source", "target", *GENERALIZE_KEYS):
         if getattr(data, key) != getattr(DataConfig(), key):
             problems.append(f"data.{key}: multitask reads data.tasks (not data.{key})")
+    for name in cfg.model.heads:
+        if name not in data.tasks:
+            problems.append(
+                f"model.heads.{name}: not a task{_did_you_mean(name, data.tasks)} "
+                f"(tasks: {', '.join(data.tasks)})"
+            )
     if not data.tasks:
         problems.append(
             "data.tasks: required by multitask, e.g. {left: {dataset: multimnist5k, "

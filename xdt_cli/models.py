@@ -249,7 +249,9 @@ class MultiTaskModel(nn.Module):
     `encode(x)` gives the shared representation (the output of the shared parameters:
     [B, D] for hps, [B, E, D] for mmoe) and `decode(rep, x, tasks)` the outputs of `tasks`
     from it, so that MGDA-UB can differentiate the task losses with respect to `rep`.
-    Each head's width is 1 for `bce` and `mse` tasks and the class count for `ce`.
+    Each head's output width is 1 for `bce` and `mse` tasks and the class count for `ce`;
+    a head is linear, or a tower of linear+ReLU layers with the `hidden` widths of its task
+    (`model.heads`; MMoE's task towers).
     """
 
     def __init__(
@@ -260,6 +262,7 @@ class MultiTaskModel(nn.Module):
         *,
         arch: str = "hps",
         experts: int = 3,
+        hidden: dict[str, list[int]] | None = None,
     ) -> None:
         super().__init__()
         self.arch = arch
@@ -277,7 +280,10 @@ class MultiTaskModel(nn.Module):
         else:
             raise ConfigError(f"model.arch: unknown architecture '{arch}' (hps or mmoe)")
         self.feature_dim = dim
-        self.heads = nn.ModuleDict({t: nn.Linear(dim, width) for t, width in heads.items()})
+        hidden = hidden or {}
+        self.heads = nn.ModuleDict(
+            {t: _head(dim, width, hidden.get(t, [])) for t, width in heads.items()}
+        )
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The parameters every task's loss reaches (theta_shared): the encoder or experts."""
@@ -309,3 +315,13 @@ class MultiTaskModel(nn.Module):
             for name in self.frozen_bn:
                 self.get_submodule(name).eval()
         return self
+
+
+def _head(dim: int, width: int, hidden: list[int]) -> nn.Module:
+    if not hidden:
+        return nn.Linear(dim, width)
+    layers: list[nn.Module] = []
+    for size in hidden:
+        layers += [nn.Linear(dim, size), nn.ReLU()]
+        dim = size
+    return nn.Sequential(*layers, nn.Linear(dim, width))

@@ -425,6 +425,7 @@ def _build_multitask(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool)
         {t.name: t.outputs for t in specs},
         arch=cfg.model.arch or "hps",
         experts=cfg.model.experts or 3,
+        hidden=cfg.model.heads,
     )
     notes = [
         f"data.tasks.{g.tasks[0]}: skipped {len(g.domain.skipped)} unreadable images"
