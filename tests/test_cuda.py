@@ -57,6 +57,16 @@ def test_resume_on_cuda_finishes_like_an_uninterrupted_run(
         assert resumed["final"][key] == pytest.approx(value, abs=0.02), key
 
 
+def _on_cuda(tmp_path: Path, subcommand: str, config: dict, name: str) -> dict:
+    """Run `config` on the GPU; it must complete (no non-finite loss)."""
+    path = write_config(tmp_path / f"{name}.yaml", config)
+    summary = start_run(
+        subcommand, path, ["device=cuda"], name=name, runs_dir=tmp_path / "runs", reporter=QUIET
+    )
+    assert summary["status"] == "completed", summary.get("error")
+    return summary
+
+
 TRANSFER_METHODS = sorted(name for name, cls in METHODS.items() if "transfer" in cls.regimes)
 
 
@@ -71,16 +81,7 @@ def test_transfer_methods_train_under_mixed_precision(
         "method": {"name": method},
         "train": {"steps": 60, "batch_size": 32, "eval_every": 30, "precision": precision},
     }
-    path = write_config(tmp_path / "tr.yaml", config)
-    summary = start_run(
-        "transfer",
-        path,
-        ["device=cuda"],
-        name=f"{method}-{precision}",
-        runs_dir=tmp_path / "runs",
-        reporter=QUIET,
-    )
-    assert summary["status"] == "completed", summary.get("error")  # no non-finite loss
+    summary = _on_cuda(tmp_path, "transfer", config, f"{method}-{precision}")
     # 60 steps: learning, well above chance (0.1); not more, since DANN's first steps swing
     # at any precision (on the CPU in fp32, seeds 0 and 1 give 0.42 and 0.70 here)
     assert summary["final"]["digits/val/acc"] > 0.2
@@ -104,16 +105,8 @@ def test_multitask_weightings_train_under_mixed_precision(
         "data": {"tasks": tasks},
         "model": {"backbone": "cnn"},
         "method": {"name": method},
-        "train": {"steps": 60, "batch_size": 32, "eval_every": 30, "precision": precision},
+        "train": {"steps": 120, "batch_size": 64, "eval_every": 60, "precision": precision},
     }
-    path = write_config(tmp_path / "mt.yaml", config)
-    summary = start_run(
-        "multitask",
-        path,
-        ["device=cuda"],
-        name=f"{method}-{precision}",
-        runs_dir=tmp_path / "runs",
-        reporter=QUIET,
-    )
-    assert summary["status"] == "completed", summary.get("error")  # no non-finite loss
-    assert summary["final"]["left/val/acc"] > 0.2  # learning: chance is 0.1
+    summary = _on_cuda(tmp_path, "multitask", config, f"{method}-{precision}")
+    # learning: chance is 0.1; on the CPU in fp32 these settings give 0.25 (mgda) to 0.51
+    assert summary["final"]["left/val/acc"] > 0.2
