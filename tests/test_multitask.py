@@ -272,6 +272,15 @@ def test_single_task_baselines_are_trained_once_and_give_delta_m(tmp_path: Path)
     )
 
 
+def test_a_resumed_run_keeps_its_baselines_and_delta_m(tmp_path: Path) -> None:
+    first = start(tmp_path, MM, "with", single_task_baselines=True)
+    run = tmp_path / "runs" / "with"
+    (run / "summary.json").unlink()  # as if killed before the summary was written
+    resumed, _ = resume_run(run, reporter=QUIET)
+    assert resumed["single_task"] == first["single_task"]
+    assert resumed["delta_m"] == first["delta_m"]
+
+
 def test_delta_m_flips_the_sign_of_lower_is_better_metrics() -> None:
     baselines = {
         "a": {"metric": "a/test/acc", "lower_is_better": False, "value": 0.8, "run_dir": "x"},
