@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from xdt_cli.config import ExperimentConfig, validate_config
+from xdt_cli.config import ExperimentConfig, flatten, validate_config
 from xdt_cli.errors import XdtError
 from xdt_cli.progress import Reporter
 from xdt_cli.runs import RunDir
@@ -47,19 +47,10 @@ def baseline_config(cfg: ExperimentConfig, task: str) -> ExperimentConfig:
 def baseline_name(cfg: ExperimentConfig, task: str) -> str:
     """`<task>-seed<S>-<hash>`: the hash of every setting that is not empty (None, {}, []),
     so a key added to the schema later, empty by default, keeps old baselines found."""
-    flat = _flatten(cfg.model_dump(mode="json", exclude={"name"}))
-    kept = {k: v for k, v in flat.items() if v not in (None, {}, [])}
+    flat = flatten(cfg.model_dump(mode="json", exclude={"name"}))
+    kept = {k: v for k, v in flat.items() if v not in (None, [])}  # {} has no entries
     text = json.dumps(kept, sort_keys=True)
     return f"{task}-seed{cfg.seed}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict) or not data:
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
 
 
 def test_metric(cfg: ExperimentConfig, task: str) -> tuple[str, bool]:

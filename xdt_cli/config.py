@@ -1065,6 +1065,16 @@ def _generalize_problems(cfg: ExperimentConfig) -> list[str]:
     return problems
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {"dotted.key": leaf value}; an empty mapping has no entries."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
 def dump_config(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML, exactly what runs (and what `xdt resume` re-reads)."""
     data = cfg.model_dump(mode="json")

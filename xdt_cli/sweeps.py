@@ -62,6 +62,7 @@ from xdt_cli.config import (
     SUBCOMMANDS,
     dump_config,
     error_lines,
+    flatten,
     load_config,
     parse_override,
     read_yaml,
@@ -448,8 +449,8 @@ def _mismatch(sweep: Sweep, run: PlannedRun, cfg: Any) -> str | None:
         old = load_config(run.run_dir / "config.yaml", subcommand=sweep.subcommand)
     except ConfigError as exc:
         return f"{run.run_dir}: its config.yaml no longer loads ({exc.lines[0]})"
-    before = _flatten(yaml.safe_load(dump_config(old)))
-    now = _flatten(yaml.safe_load(dump_config(cfg)))
+    before = flatten(yaml.safe_load(dump_config(old)))
+    now = flatten(yaml.safe_load(dump_config(cfg)))
     differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if not differ:
         return None
@@ -458,15 +459,6 @@ def _mismatch(sweep: Sweep, run: PlannedRun, cfg: Any) -> str | None:
         f"{run.run_dir}: was made from another config than the sweep now gives it ({keys} "
         "differ); set another name: in the sweep file, or delete that folder"
     )
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return {k.rstrip("."): v for k, v in out.items()}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
