@@ -83,14 +83,7 @@ def build_experiment(
     method.to(runtime.device)
 
     def stream(domain: Domain, labelled: bool):
-        return make_stream(
-            domain.splits["train"],
-            batch_size=cfg.train.batch_size,
-            seed=cfg.seed,
-            domain=domain.name,
-            device=runtime.device,
-            labelled=labelled,
-        )
+        return _train_stream(domain, cfg, runtime, labelled=labelled)
 
     if subcommand == "train-source":
         streams = [stream(domains.source, True)]
@@ -130,6 +123,26 @@ def _make_method(model, cfg: ExperimentConfig, notes: list[str], *, init) -> tup
     plan = plan_freezing(model, cfg.model)
     method = METHODS[cfg.method.name](model, cfg.method_config, total_steps=cfg.train.steps)
     return method, plan
+
+
+def _train_stream(
+    domain: Domain,
+    cfg: ExperimentConfig,
+    runtime: Runtime,
+    *,
+    labelled: bool = True,
+    weight: Tensor | None = None,
+):
+    """The training stream of a domain's train split, batched and seeded by the config."""
+    return make_stream(
+        domain.splits["train"],
+        batch_size=cfg.train.batch_size,
+        seed=cfg.seed,
+        domain=domain.name,
+        device=runtime.device,
+        labelled=labelled,
+        weight=weight,
+    )
 
 
 @dataclass
@@ -261,16 +274,7 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
     weights, record = loss_weights(cfg, training)
     record["held_out"] = held_names
     streams = [
-        make_stream(
-            d.splits["train"],
-            batch_size=cfg.train.batch_size,
-            seed=cfg.seed,
-            domain=d.name,
-            device=runtime.device,
-            labelled=True,
-            weight=w,
-        )
-        for d, w in zip(training, weights, strict=True)
+        _train_stream(d, cfg, runtime, weight=w) for d, w in zip(training, weights, strict=True)
     ]
     # Held-out domains only here: evaluation reads their val and test splits.
     eval_sets = {d.name: {"val": d.splits["val"], "test": d.splits["test"]} for d in training}
