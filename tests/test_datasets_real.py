@@ -261,12 +261,10 @@ def test_xdt_datasets_lists_the_torchvision_sets_without_their_files(cli) -> Non
 def test_a_run_with_random_transforms_on_bytes_resumes_bit_identically(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import signal
 
     from tests.conftest import write_config
-    from tests.test_engine import QUIET, _interrupt_at
-    from xdt_cli.api import resume_run, start_run
-    from xdt_cli.errors import RunInterrupted
+    from tests.test_engine import QUIET, assert_resume_is_exact
+    from xdt_cli.api import start_run
 
     write_cifar10(tmp_path / "data")
     config = write_config(
@@ -297,12 +295,4 @@ def test_a_run_with_random_transforms_on_bytes_resumes_bit_identically(
     def run(name: str) -> dict:
         return start_run("train-source", config, [], name=name, runs_dir=runs, reporter=QUIET)
 
-    straight = run("straight")
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, 7, signal.SIGINT)
-        with pytest.raises(RunInterrupted):
-            run("cut")
-    resumed, _ = resume_run(runs / "cut", reporter=QUIET)
-    text = (runs / "straight" / "metrics.jsonl").read_text()
-    assert (runs / "cut" / "metrics.jsonl").read_text() == text
-    assert resumed["final"] == straight["final"]
+    assert_resume_is_exact(monkeypatch, runs, run, 7)

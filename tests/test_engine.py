@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,23 @@ def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> No
             os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(Engine, "_accumulate", accumulate)
+
+
+def assert_resume_is_exact(
+    monkeypatch: pytest.MonkeyPatch, runs: Path, run: Callable[[str], dict], step: int
+) -> tuple[dict, dict]:
+    """`run(name)` trains a run `runs/<name>`. Train "straight"; train "cut", stopped by
+    SIGINT after step `step`, and resume it: its metrics.jsonl must be byte-identical to the
+    straight run's and its final metrics equal. Returns (straight, resumed) summaries."""
+    straight = run("straight")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, step, signal.SIGINT)
+        with pytest.raises(RunInterrupted):
+            run("cut")
+    resumed, _ = resume_run(runs / "cut", reporter=QUIET)
+    assert metrics_text(runs, "cut") == metrics_text(runs, "straight")
+    assert resumed["final"] == straight["final"]
+    return straight, resumed
 
 
 @pytest.mark.parametrize("stop_at", [13, 20])  # inside a log window / at an eval step

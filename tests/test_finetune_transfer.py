@@ -3,6 +3,7 @@ the unlabelled target stream, selection, resume, and a tiny run of every transfe
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import torchvision
 
 from tests.conftest import write_config
-from tests.test_engine import _interrupt_at
+from tests.test_engine import _interrupt_at, assert_resume_is_exact
 from xdt_cli.api import resume_run, start_run
 from xdt_cli.checkpoint import load_checkpoint
 from xdt_cli.config import deep_merge, load_config, validate_config
@@ -291,17 +292,8 @@ def test_transfer_resume_equals_an_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = {**TRANSFER, "method": {"name": "dann"}}
-    straight = start("transfer", tmp_path, config, "straight")
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, 7, signal.SIGINT)
-        with pytest.raises(RunInterrupted):
-            start("transfer", tmp_path, config, "cut")
-    resumed, _ = resume_run(tmp_path / "runs" / "cut", reporter=QUIET)
-    runs = tmp_path / "runs"
-    assert (runs / "cut" / "metrics.jsonl").read_text() == (
-        runs / "straight" / "metrics.jsonl"
-    ).read_text()
-    assert resumed["final"] == straight["final"]
+    run = functools.partial(start, "transfer", tmp_path, config)
+    assert_resume_is_exact(monkeypatch, tmp_path / "runs", run, 7)
 
 
 TRANSFER_METHODS = sorted(n for n, m in METHODS.items() if "transfer" in m.regimes)

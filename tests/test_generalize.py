@@ -4,19 +4,18 @@ the weight average (train.ema) with resume."""
 
 from __future__ import annotations
 
+import functools
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import write_config
-from tests.test_engine import _interrupt_at
-from xdt_cli.api import resume_run, start_leave_one_out, start_run
+from tests.test_engine import assert_resume_is_exact
+from xdt_cli.api import start_leave_one_out, start_run
 from xdt_cli.checkpoint import load_checkpoint
 from xdt_cli.data import load_domain
-from xdt_cli.errors import RunInterrupted
 from xdt_cli.methods import METHODS
 from xdt_cli.methods.erm import ERM
 from xdt_cli.progress import Reporter
@@ -248,18 +247,10 @@ def test_ema_resume_equals_an_uninterrupted_run_and_best_holds_the_average(
         "train": {**TRAIN, "steps": 8, "eval_every": 4, "ema": 0.9},
         "selection": {"rule": "last"},
     }
-    straight = start(tmp_path, config, "straight")
-    assert straight["ema"] == 0.9
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, 5, signal.SIGINT)
-        with pytest.raises(RunInterrupted):
-            start(tmp_path, config, "cut")
-    resumed, _ = resume_run(tmp_path / "runs" / "cut", reporter=QUIET)
     runs = tmp_path / "runs"
-    assert (runs / "cut" / "metrics.jsonl").read_text() == (
-        runs / "straight" / "metrics.jsonl"
-    ).read_text()
-    assert resumed["final"] == straight["final"]
+    run = functools.partial(start, tmp_path, config)
+    straight, _ = assert_resume_is_exact(monkeypatch, runs, run, 5)
+    assert straight["ema"] == 0.9
     last = load_checkpoint(runs / "straight" / "checkpoints" / "last.pt")
     best = load_checkpoint(runs / "straight" / "checkpoints" / "best.pt")
     assert best["step"] == 8  # rule last: the final step, whose average best.pt holds

@@ -261,11 +261,9 @@ def test_an_interrupted_image_folder_run_resumes_bit_identically(
 ) -> None:
     """Random crops and flips decoded by a worker process, two streams: resuming at step 5
     replays steps 6..10 exactly as the uninterrupted run did."""
-    import signal
 
-    from tests.test_engine import QUIET, _interrupt_at
-    from xdt_cli.api import resume_run, start_run
-    from xdt_cli.errors import RunInterrupted
+    from tests.test_engine import QUIET, assert_resume_is_exact
+    from xdt_cli.api import start_run
 
     root = three_domains(tmp_path / "set", per_class=6)
     section = {
@@ -294,16 +292,7 @@ def test_an_interrupted_image_folder_run_resumes_bit_identically(
     def run(name: str) -> dict:
         return start_run("transfer", config, [], name=name, runs_dir=runs, reporter=QUIET)
 
-    straight = run("straight")
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, 5, signal.SIGINT)
-        with pytest.raises(RunInterrupted):
-            run("cut")
-    resumed, _ = resume_run(runs / "cut", reporter=QUIET)
-    assert (runs / "cut" / "metrics.jsonl").read_text() == (
-        runs / "straight" / "metrics.jsonl"
-    ).read_text()
-    assert resumed["final"] == straight["final"]
+    assert_resume_is_exact(monkeypatch, runs, run, 5)
 
 
 def test_generalize_over_generated_image_folder_domains(cli, tmp_path: Path) -> None:

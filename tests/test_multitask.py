@@ -4,9 +4,9 @@ and the benchmark's tasks table."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import signal
 import statistics
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.conftest import write_config
-from tests.test_engine import _interrupt_at
+from tests.test_engine import assert_resume_is_exact
 from xdt_cli.api import resume_run, start_run
 from xdt_cli.baselines import delta_m
 from xdt_cli.cli import app
@@ -26,7 +26,7 @@ from xdt_cli.data.embedded import load_mnist5k
 from xdt_cli.data.multimnist import PAIRS, pair_sources
 from xdt_cli.data.splits import stratified_split
 from xdt_cli.data.tasks import TaskStream, load_task_groups
-from xdt_cli.errors import ConfigError, RunInterrupted
+from xdt_cli.errors import ConfigError
 from xdt_cli.evaluation import _task_sums
 from xdt_cli.progress import Reporter
 
@@ -227,17 +227,8 @@ def test_multitask_resume_equals_an_uninterrupted_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     config = {**MM, "method": {"name": method}, "train": {**TRAIN, "steps": 8, "eval_every": 4}}
-    straight = start(tmp_path, config, "straight")
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, 5, signal.SIGINT)
-        with pytest.raises(RunInterrupted):
-            start(tmp_path, config, "cut")
-    resumed, _ = resume_run(tmp_path / "runs" / "cut", reporter=QUIET)
-    runs = tmp_path / "runs"
-    assert (runs / "cut" / "metrics.jsonl").read_text() == (
-        runs / "straight" / "metrics.jsonl"
-    ).read_text()
-    assert resumed["final"] == straight["final"]
+    run = functools.partial(start, tmp_path, config)
+    assert_resume_is_exact(monkeypatch, tmp_path / "runs", run, 5)
 
 
 def test_single_task_baselines_are_trained_once_and_give_delta_m(tmp_path: Path) -> None:
