@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -125,6 +126,27 @@ class RandomResizedCropArgs(_SizedArgs):
         return self
 
 
+class RandomAffineArgs(_TransformArgs):
+    """A random rotation, shear, scaling and shift per image (torchvision's RandomAffine);
+    uncovered pixels become 0."""
+
+    random = True
+    degrees: float = Field(0.0, ge=0, le=180, description="rotation drawn from [-d, d] degrees")
+    translate: tuple[float, float] = Field(
+        (0.0, 0.0), description="largest shift as a share of [width, height], each in [0, 1]"
+    )
+    scale: tuple[float, float] = Field((1.0, 1.0), description="range of the zoom factor")
+    shear: float = Field(0.0, ge=0, lt=90, description="x-shear drawn from [-s, s] degrees")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> RandomAffineArgs:
+        if not all(0 <= t <= 1 for t in self.translate):
+            raise ValueError("translate: expected two shares in [0, 1]")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError("scale: expected 0 < low <= high")
+        return self
+
+
 class HorizontalFlipArgs(_TransformArgs):
     shorthand = "p"
     random = True
@@ -132,11 +154,53 @@ class HorizontalFlipArgs(_TransformArgs):
 
 
 class ColorJitterArgs(_TransformArgs):
+    """Each part is a spread x (a factor from [1 - x, 1 + x], a hue shift from [-x, x]) or,
+    as in torchvision, an explicit [low, high] range."""
+
     random = True
-    brightness: float = Field(0.0, ge=0, description="factor drawn from [1 - b, 1 + b]")
-    contrast: float = Field(0.0, ge=0, description="factor drawn from [1 - c, 1 + c]")
-    saturation: float = Field(0.0, ge=0, description="factor drawn from [1 - s, 1 + s]")
-    hue: float = Field(0.0, ge=0, le=0.5, description="hue shift drawn from [-h, h]")
+    brightness: float | tuple[float, float] = Field(
+        0.0, description="factor drawn from [1 - b, 1 + b], or from [low, high]"
+    )
+    contrast: float | tuple[float, float] = Field(
+        0.0, description="factor drawn from [1 - c, 1 + c], or from [low, high]"
+    )
+    saturation: float | tuple[float, float] = Field(
+        0.0, description="factor drawn from [1 - s, 1 + s], or from [low, high]"
+    )
+    hue: float | tuple[float, float] = Field(
+        0.0, description="shift drawn from [-h, h], or from [low, high], within [-0.5, 0.5]"
+    )
+
+    @field_validator("brightness", "contrast", "saturation", "hue")
+    @classmethod
+    def _valid_range(cls, value: Any, info: ValidationInfo) -> Any:
+        hue = info.field_name == "hue"
+        if isinstance(value, tuple):
+            low, high = value
+            if not low <= high:
+                raise ValueError(f"expected low <= high, got {list(value)}")
+        else:
+            low, high = (-value, value) if hue else (1 - value, 1 + value)
+            if value < 0:
+                raise ValueError("a spread must be >= 0")
+        if hue and not -0.5 <= low <= high <= 0.5:
+            raise ValueError("a hue shift must lie within [-0.5, 0.5]")
+        if not hue and isinstance(value, tuple) and low < 0:
+            raise ValueError("factors must be >= 0")
+        return value
+
+    def range(self, part: str) -> tuple[float, float]:
+        """The [low, high] that `part`'s factor (or hue shift) is drawn from."""
+        value = getattr(self, part)
+        if isinstance(value, tuple):
+            return value
+        if part == "hue":
+            return (-value, value)
+        return (max(0.0, 1 - value), 1 + value)
+
+    def active(self, part: str) -> bool:
+        """False when `part` can only be the identity (factor 1, hue shift 0)."""
+        return self.range(part) != ((0.0, 0.0) if part == "hue" else (1.0, 1.0))
 
 
 class GrayscaleArgs(_TransformArgs):
@@ -177,6 +241,7 @@ class TransformStep(Strict):
     center_crop: CenterCropArgs | None = None
     random_crop: RandomCropArgs | None = None
     random_resized_crop: RandomResizedCropArgs | None = None
+    random_affine: RandomAffineArgs | None = None
     horizontal_flip: HorizontalFlipArgs | None = None
     color_jitter: ColorJitterArgs | None = None
     grayscale: GrayscaleArgs | None = None
@@ -275,7 +340,14 @@ class DomainConfig(Strict):
         None,
         gt=0,
         strict=True,
-        description="keep k labelled training samples per class (seeded by data.split_seed)",
+        description="keep k labelled training samples per class (seeded by labels_seed)",
+    )
+    labels_seed: int | None = Field(
+        None,
+        ge=0,
+        strict=True,
+        description="seed of the labels_per_class draw (default: data.split_seed); val and "
+        "test stay those of data.split_seed",
     )
     transforms: TransformsConfig = Field(default_factory=TransformsConfig)
     skip_bad_images: bool = Field(
@@ -291,6 +363,12 @@ class DomainConfig(Strict):
             seen = {c for c in self.classes if self.classes.count(c) > 1}
             if seen:
                 raise ValueError(f"classes: {', '.join(sorted(seen))} given twice")
+        return self
+
+    @model_validator(mode="after")
+    def _labels_seed(self) -> DomainConfig:
+        if self.labels_seed is not None and self.labels_per_class is None:
+            raise ValueError("labels_seed: seeds the labels_per_class draw; set that too")
         return self
 
 

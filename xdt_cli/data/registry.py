@@ -231,9 +231,10 @@ def load_configured_domain(
 ) -> Domain:
     """Load the domain that a `data.source` / `data.target` section describes.
 
-    `labels_per_class: k` keeps a seeded, stratified subset of k training samples per class;
-    val and test stay whole. `held_out`: a domain that no step trains on; all of its samples
-    are split 20% val / 80% test (its train split is empty).
+    `labels_per_class: k` keeps a stratified subset of k training samples per class, drawn
+    with `labels_seed` (default: the split seed); val and test stay whole. `held_out`: a
+    domain that no step trains on; all of its samples are split 20% val / 80% test (its train
+    split is empty).
     """
     spec = get_spec(domain_cfg.dataset, f"{key}.dataset")
     _check_keys(spec, domain_cfg, key)
@@ -260,7 +261,8 @@ def load_configured_domain(
     splits = _held_out_split(parts, split_seed) if held_out else _split(parts, split_seed)
     k = domain_cfg.labels_per_class
     if k is not None:
-        splits["train"] = splits["train"].take(labelled_subset(splits["train"].y, k, split_seed))
+        draw = split_seed if domain_cfg.labels_seed is None else domain_cfg.labels_seed
+        splits["train"] = splits["train"].take(labelled_subset(splits["train"].y, k, draw))
 
     stored = _stored_shape(splits, key)
     train_tf, eval_tf, input_shape = build_pipelines(domain_cfg.transforms, stored, key)

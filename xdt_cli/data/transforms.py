@@ -29,6 +29,7 @@ from xdt_cli.config import (
     GrayscaleArgs,
     HorizontalFlipArgs,
     NormalizeArgs,
+    RandomAffineArgs,
     RandomCropArgs,
     RandomResizedCropArgs,
     ResizeArgs,
@@ -185,6 +186,52 @@ class RandomResizedCrop(Op):
         )
 
 
+class RandomAffine(Op):
+    """Rotate, shear, scale and shift each image by its own random draw (one batched
+    `grid_sample`, bilinear, zeros outside), about the image centre as torchvision does.
+
+    The forward map in pixel coordinates centred on the image is p -> A p + t with
+    A = scale * R(angle) @ Shear(shear); each output pixel samples the input at
+    A^-1 (p - t), expressed in `affine_grid`'s [-1, 1] coordinates.
+    """
+
+    name = "random_affine"
+    random = True
+    needs_float = True
+
+    def __init__(self, args: RandomAffineArgs) -> None:
+        self.args = args
+
+    def matrices(self, b: int, height: int, width: int) -> Tensor:
+        """[B, 2, 3] sampling matrices (output -> input) in normalised coordinates."""
+        a = self.args
+        angle = torch.deg2rad(_uniform(b, -a.degrees, a.degrees).double())
+        shear = torch.deg2rad(_uniform(b, -a.shear, a.shear).double())
+        zoom = _uniform(b, *a.scale).double()
+        shift = torch.stack(
+            [
+                _uniform(b, -1, 1) * a.translate[0] * width,
+                _uniform(b, -1, 1) * a.translate[1] * height,
+            ],
+            -1,
+        ).double()
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rotation = torch.stack([cos, -sin, sin, cos], -1).view(b, 2, 2)
+        shearing = torch.eye(2, dtype=torch.float64).repeat(b, 1, 1)
+        shearing[:, 0, 1] = torch.tan(shear)
+        inverse = torch.linalg.inv(zoom.view(b, 1, 1) * rotation @ shearing)
+        half = torch.tensor([width / 2, height / 2], dtype=torch.float64)
+        linear = inverse * half.view(1, 1, 2) / half.view(1, 2, 1)  # D^-1 A^-1 D
+        offset = -(inverse @ shift.unsqueeze(-1)).squeeze(-1) / half
+        return torch.cat([linear, offset.unsqueeze(-1)], -1).float()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        b, _, height, width = x.shape
+        theta = self.matrices(b, height, width).to(x.device)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 class HorizontalFlip(Op):
     name = "horizontal_flip"
     random = True
@@ -211,22 +258,22 @@ class ColorJitter(Op):
     def __call__(self, x: Tensor) -> Tensor:
         a, b = self.args, x.shape[0]
 
-        def factors(spread: float) -> Tensor:
-            return _uniform(b, max(0.0, 1 - spread), 1 + spread).to(x.device).view(-1, 1, 1, 1)
+        def draw(part: str) -> Tensor:
+            return _uniform(b, *a.range(part)).to(x.device).view(-1, 1, 1, 1)
 
         order = torch.randperm(4).tolist()
         for i in order:
-            if i == 0 and a.brightness:
-                x = (x * factors(a.brightness)).clamp_(0, 1)
-            elif i == 1 and a.contrast:
+            if i == 0 and a.active("brightness"):
+                x = (x * draw("brightness")).clamp_(0, 1)
+            elif i == 1 and a.active("contrast"):
                 mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
-                f = factors(a.contrast)
+                f = draw("contrast")
                 x = (f * x + (1 - f) * mean).clamp_(0, 1)
-            elif i == 2 and a.saturation and x.shape[1] == 3:
-                f = factors(a.saturation)
+            elif i == 2 and a.active("saturation") and x.shape[1] == 3:
+                f = draw("saturation")
                 x = (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
-            elif i == 3 and a.hue and x.shape[1] == 3:
-                shift = _uniform(b, -a.hue, a.hue).to(x.device).view(-1, 1, 1)
+            elif i == 3 and a.active("hue") and x.shape[1] == 3:
+                shift = draw("hue").view(-1, 1, 1)
                 h, s, v = _rgb_to_hsv(x).unbind(-3)
                 x = _hsv_to_rgb(torch.stack([(h + shift) % 1.0, s, v], -3))
         return x
@@ -308,6 +355,7 @@ OPS: dict[str, type[Op]] = {
         CenterCrop,
         RandomCrop,
         RandomResizedCrop,
+        RandomAffine,
         HorizontalFlip,
         ColorJitter,
         Grayscale,
