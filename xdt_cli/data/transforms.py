@@ -218,7 +218,7 @@ class RandomAffine(Op):
         cos, sin = torch.cos(angle), torch.sin(angle)
         rotation = torch.stack([cos, -sin, sin, cos], -1).view(b, 2, 2)
         shearing = torch.eye(2, dtype=torch.float64).repeat(b, 1, 1)
-        shearing[:, 0, 1] = torch.tan(shear)
+        shearing[:, 0, 1] = -torch.tan(shear)  # torchvision's sign
         inverse = torch.linalg.inv(zoom.view(b, 1, 1) * rotation @ shearing)
         half = torch.tensor([width / 2, height / 2], dtype=torch.float64)
         linear = inverse * half.view(1, 1, 2) / half.view(1, 2, 1)  # D^-1 A^-1 D
