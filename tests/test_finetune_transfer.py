@@ -186,6 +186,30 @@ def test_labels_per_class_is_a_seeded_stratified_subset() -> None:
     assert not torch.equal(a, labelled_subset(y, 10, 1))
 
 
+def test_labels_seed_draws_other_labelled_images_and_keeps_val_and_test() -> None:
+    from xdt_cli.config import DomainConfig
+    from xdt_cli.data.registry import load_configured_domain
+
+    def target(**keys) -> dict[str, torch.Tensor]:
+        cfg = DomainConfig(dataset="mnist5k", labels_per_class=5, **keys)
+        domain = load_configured_domain(cfg, split_seed=0, key="data.target")
+        return {name: split.x for name, split in domain.splits.items()}
+
+    default, same, other = target(), target(labels_seed=0), target(labels_seed=1)
+    assert all(torch.equal(default[k], same[k]) for k in default)  # default: data.split_seed
+    assert len(other["train"]) == 50 and not torch.equal(default["train"], other["train"])
+    assert torch.equal(default["val"], other["val"]) and torch.equal(default["test"], other["test"])
+
+
+def test_labels_seed_without_labels_per_class_is_a_config_error(tmp_path: Path) -> None:
+    target = {"dataset": "mnist5k", "labels_seed": 1}
+    data = {"data": {"source": {"dataset": "digits"}, "target": target}}
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path / "fewshot.yaml", data), subcommand="finetune")
+    assert len(info.value.lines) == 1 and "data.target" in info.value.lines[0]
+    assert "labels_seed" in info.value.lines[0]
+
+
 # --------------------------------------------------------------------------- init
 def test_init_weights_accepts_our_state_dict_and_torchvision_s(tmp_path: Path) -> None:
     from xdt_cli.initialization import initialize

@@ -92,6 +92,14 @@ def test_the_dumped_section_reads_back_the_same_and_names_only_the_transform() -
         ({"transforms": {"train": [{"random_crop": {"size": 3, "padding": -1}}]}}, "padding"),
         ({"transforms": {"train": [{"horizontal_flip": 2}]}}, "horizontal_flip.p"),
         ({"transforms": {"train": [{"color_jitter": {"hue": 0.7}}]}}, "color_jitter.hue"),
+        ({"transforms": {"train": [{"color_jitter": {"contrast": [2, 1]}}]}}, "jitter.contrast"),
+        ({"transforms": {"train": [{"color_jitter": {"brightness": -1}}]}}, "jitter.brightness"),
+        ({"transforms": {"train": [{"color_jitter": {"hue": [-0.6, 0]}}]}}, "color_jitter.hue"),
+        ({"transforms": {"train": [{"random_affine": {"degrees": 200}}]}}, "affine.degrees"),
+        ({"transforms": {"train": [{"random_affine": {"translate": [2, 0]}}]}}, "translate"),
+        ({"transforms": {"train": [{"random_affine": {"scale": [0, 1]}}]}}, "scale"),
+        ({"transforms": {"train": [{"random_affine": {"shear": 90}}]}}, "affine.shear"),
+        ({"transforms": {"eval": [{"random_affine": {"degrees": 5}}]}}, "random_affine is random"),
         ({"transforms": {"train": [{"normalize": "imagenett"}]}}, "normalize.preset"),
         ({"transforms": {"train": ["normalize"]}}, "give a preset"),
         ({"transforms": {"train": [{"normalize": {"mean": [0.5], "std": [0]}}]}}, "std"),
@@ -175,6 +183,7 @@ def test_random_ops_follow_the_global_rng_exactly() -> None:
         {"random_resized_crop": {"size": 16}},
         {"random_crop": {"size": 16, "padding": 2}},
         "horizontal_flip",
+        {"random_affine": {"degrees": 10, "translate": [0.1, 0.1], "scale": [0.9, 1.1]}},
         {"color_jitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}},
     )
     x = torch.randint(0, 256, (8, 3, 24, 20), dtype=torch.uint8)
@@ -206,6 +215,62 @@ def test_color_jitter_with_no_spread_is_the_identity_and_hue_matches_torchvision
     h, s, v = hsv.unbind(-3)
     shifted = _hsv_to_rgb(torch.stack([(h + 0.2) % 1.0, s, v], -3))
     assert torch.allclose(shifted, TF.adjust_hue(x, 0.2), atol=1e-5)
+
+
+def test_color_jitter_ranges_are_torchvision_s_low_high_form() -> None:
+    x = torch.rand(4, 1, 6, 6) * 0.5
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    doubled = pipeline({"color_jitter": {"contrast": [2.0, 2.0]}})(x)
+    assert torch.allclose(doubled, (2 * x - mean).clamp(0, 1))
+    assert torch.allclose(pipeline({"color_jitter": {"brightness": [1.5, 1.5]}})(x), 1.5 * x)
+    # a spread s is the range [1 - s, 1 + s]: the same draws, the same images
+    torch.manual_seed(3)
+    spread = pipeline({"color_jitter": {"brightness": 0.3, "contrast": 0.5}})(x)
+    torch.manual_seed(3)
+    ranged = pipeline({"color_jitter": {"brightness": [0.7, 1.3], "contrast": [0.5, 1.5]}})(x)
+    assert torch.equal(spread, ranged)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"degrees": 30},
+        {"shear": 20},
+        {"scale": [1.3, 1.3]},
+        {"translate": [2 / 13, 3 / 11]},
+        {"degrees": 30, "shear": 20, "scale": [0.8, 0.8], "translate": [2 / 13, 3 / 11]},
+    ],
+)
+def test_random_affine_at_its_largest_draw_equals_torchvision_s_affine(
+    args: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every draw at the top of its range: the map must be TF.affine's with those values."""
+    import xdt_cli.data.transforms as transforms
+
+    monkeypatch.setattr(transforms, "_uniform", lambda n, low, high: torch.full((n,), high))
+    x = torch.rand(2, 3, 11, 13)
+    out = pipeline({"random_affine": args})(x)
+    scale = args.get("scale", [1.0, 1.0])[1]
+    dx, dy = args.get("translate", [0.0, 0.0])
+    expected = TF.affine(
+        x,
+        angle=float(args.get("degrees", 0.0)),
+        translate=[round(dx * 13), round(dy * 11)],
+        scale=scale,
+        shear=[float(args.get("shear", 0.0)), 0.0],
+        interpolation=TF.InterpolationMode.BILINEAR,
+    )
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_random_affine_draws_per_image_and_the_identity_leaves_images_alone() -> None:
+    x = torch.rand(1, 1, 12, 12).expand(6, 1, 12, 12)
+    assert torch.allclose(pipeline("random_affine")(x), x, atol=1e-5)
+    torch.manual_seed(0)
+    out = pipeline({"random_affine": {"degrees": 20, "translate": [0.1, 0.1]}})(x)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert len({tuple(img.flatten().tolist()) for img in out}) == 6  # six different draws
+    assert out.min() >= 0 and out.max() <= 1
 
 
 def test_grayscale_and_normalize_presets() -> None:
