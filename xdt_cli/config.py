@@ -153,6 +153,16 @@ class HorizontalFlipArgs(_TransformArgs):
     p: float = Field(0.5, ge=0, le=1, description="probability of flipping an image")
 
 
+def _jitter_range(part: str, value: float | tuple[float, float]) -> tuple[float, float]:
+    """The [low, high] a color_jitter part draws from: its range, or a spread around the
+    identity (factor 1, hue shift 0), factors kept >= 0."""
+    if isinstance(value, tuple):
+        return value
+    if part == "hue":
+        return (-value, value)
+    return (max(0.0, 1 - value), 1 + value)
+
+
 class ColorJitterArgs(_TransformArgs):
     """Each part is a spread x (a factor from [1 - x, 1 + x], a hue shift from [-x, x]) or,
     as in torchvision, an explicit [low, high] range."""
@@ -176,27 +186,20 @@ class ColorJitterArgs(_TransformArgs):
     def _valid_range(cls, value: Any, info: ValidationInfo) -> Any:
         hue = info.field_name == "hue"
         if isinstance(value, tuple):
-            low, high = value
-            if not low <= high:
+            if not value[0] <= value[1]:
                 raise ValueError(f"expected low <= high, got {list(value)}")
-        else:
-            low, high = (-value, value) if hue else (1 - value, 1 + value)
-            if value < 0:
-                raise ValueError("a spread must be >= 0")
+            if not hue and value[0] < 0:
+                raise ValueError("factors must be >= 0")
+        elif value < 0:
+            raise ValueError("a spread must be >= 0")
+        low, high = _jitter_range(str(info.field_name), value)
         if hue and not -0.5 <= low <= high <= 0.5:
             raise ValueError("a hue shift must lie within [-0.5, 0.5]")
-        if not hue and isinstance(value, tuple) and low < 0:
-            raise ValueError("factors must be >= 0")
         return value
 
     def range(self, part: str) -> tuple[float, float]:
         """The [low, high] that `part`'s factor (or hue shift) is drawn from."""
-        value = getattr(self, part)
-        if isinstance(value, tuple):
-            return value
-        if part == "hue":
-            return (-value, value)
-        return (max(0.0, 1 - value), 1 + value)
+        return _jitter_range(part, getattr(self, part))
 
     def active(self, part: str) -> bool:
         """False when `part` can only be the identity (factor 1, hue shift 0)."""
