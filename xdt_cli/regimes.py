@@ -97,19 +97,30 @@ def build_experiment(
     rule_domain = {"source_val": domains.source, "target_val": domains.target}
     chosen = rule_domain.get(cfg.selection.rule)
     default_metric = f"{(chosen or trained).name}/val/acc"
-    groups = param_groups(method, plan, cfg.optim.lr_mult)
-    counts = _parameter_counts(plan, method)
-    notes.append(_parameter_note(counts, method))
-    return Experiment(
+    return _experiment(
+        cfg,
+        method,
+        plan,
+        notes,
         subcommand=subcommand,
-        method=method,
         streams=streams,
         eval_sets=eval_sets,
         selection=make_selection(cfg, default_metric=default_metric, eval_sets=eval_sets),
-        param_groups=groups,
+    )
+
+
+def _experiment(cfg: ExperimentConfig, method, plan, notes: list[str], **fields) -> Experiment:
+    """The Experiment of every regime: `fields` plus what the freezing plan decides (the
+    optimizer groups, gradual unfreezing, the parameter counts and their note)."""
+    counts = _parameter_counts(plan, method)
+    notes.append(_parameter_note(counts, method))
+    return Experiment(
+        method=method,
+        param_groups=param_groups(method, plan, cfg.optim.lr_mult),
         unfreeze=plan.scheduled,
         parameters=counts,
         notes=notes,
+        **fields,
     )
 
 
@@ -292,18 +303,15 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
         f"training domains: {', '.join(names)}; held out: {', '.join(held_names)}; "
         f"selection: {selection.rule}" + (f" on {selection.metric}" if selection.metric else "")
     )
-    counts = _parameter_counts(plan, method)
-    notes.append(_parameter_note(counts, method))
-    return Experiment(
+    return _experiment(
+        cfg,
+        method,
+        plan,
+        notes,
         subcommand="generalize",
-        method=method,
         streams=streams,
         eval_sets=eval_sets,
         selection=selection,
-        param_groups=param_groups(method, plan, cfg.optim.lr_mult),
-        unfreeze=plan.scheduled,
-        parameters=counts,
-        notes=notes,
         averages=averages,
         run_files={"weights.json": record},
     )
@@ -454,18 +462,15 @@ def _build_multitask(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool)
         f"weighting {cfg.method.name}; selection: {selection.rule}"
         + (f" on {selection.metric}" if selection.metric else "")
     )
-    counts = _parameter_counts(plan, method)
-    notes.append(_parameter_note(counts, method))
-    return Experiment(
+    return _experiment(
+        cfg,
+        method,
+        plan,
+        notes,
         subcommand="multitask",
-        method=method,
         streams=streams,
         eval_sets={},
         selection=selection,
-        param_groups=param_groups(method, plan, cfg.optim.lr_mult),
-        unfreeze=plan.scheduled,
-        parameters=counts,
-        notes=notes,
         averages=averages,
         evaluator=functools.partial(evaluate_tasks, groups=groups, specs=kinds),
         run_files={"tasks.json": _tasks_record(groups, specs)},
