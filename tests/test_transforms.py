@@ -100,6 +100,10 @@ def test_the_dumped_section_reads_back_the_same_and_names_only_the_transform() -
         ({"transforms": {"train": [{"random_affine": {"scale": [0, 1]}}]}}, "scale"),
         ({"transforms": {"train": [{"random_affine": {"shear": 90}}]}}, "affine.shear"),
         ({"transforms": {"eval": [{"random_affine": {"degrees": 5}}]}}, "random_affine is random"),
+        ({"transforms": {"train": [{"levels": {"low": 0.7, "high": 0.3}}]}}, "expected low < high"),
+        ({"transforms": {"train": [{"levels": {"high": 1.5}}]}}, "levels.high"),
+        ({"transforms": {"train": [{"levels": {"low": -0.1}}]}}, "levels.low"),
+        ({"transforms": {"train": [{"levels": {"black": 0.2}}]}}, "levels.black"),
         ({"transforms": {"train": [{"normalize": "imagenett"}]}}, "normalize.preset"),
         ({"transforms": {"train": ["normalize"]}}, "give a preset"),
         ({"transforms": {"train": [{"normalize": {"mean": [0.5], "std": [0]}}]}}, "std"),
@@ -231,6 +235,23 @@ def test_color_jitter_ranges_are_torchvision_s_low_high_form() -> None:
     assert torch.equal(spread, ranged)
 
 
+def test_levels_maps_low_to_black_and_high_to_white_without_drawing() -> None:
+    x = torch.tensor([0.0, 0.2, 0.3, 0.5, 0.6, 0.7, 1.0]).view(1, 1, 1, 7)
+    expected = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.75, 1.0, 1.0]).view(1, 1, 1, 7)
+    levels = pipeline({"levels": {"low": 0.3, "high": 0.7}})
+    assert not levels.random
+    state = torch.get_rng_state()
+    assert torch.allclose(levels(x), expected)
+    assert torch.equal(torch.get_rng_state(), state)  # deterministic: allowed in eval lists
+    # bytes become floats first; the defaults (0, 1) leave an image as it is
+    b = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3)
+    assert torch.allclose(pipeline({"levels": {"low": 0.2}})(b), torch.tensor([0.0, 0.0, 1.0]))
+    x = torch.rand(2, 3, 5, 5)
+    assert torch.equal(pipeline("levels")(x), x)
+    cfg = TransformsConfig.model_validate({"eval": [{"levels": {"low": 0.3, "high": 0.7}}]})
+    assert cfg.eval[0].op == ("levels", cfg.eval[0].levels)
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -314,3 +335,19 @@ def test_pipelines_check_shapes_against_the_data() -> None:
     with pytest.raises(ConfigError) as info:
         build({"train": [{"random_crop": 40}], "eval": [{"center_crop": 40}]})
     assert "larger than the (padded) image 28x28" in info.value.lines[0]
+
+
+def test_levels_gives_the_embedded_digits_mnist_s_stroke_contrast() -> None:
+    """The figures in docs/DATA.md: the share of ink pixels (> 0.1) above 0.9."""
+    from xdt_cli.data.embedded import load_digits, load_mnist5k
+
+    def saturated(x: torch.Tensor) -> float:
+        ink = x[x > 0.1]
+        return (ink > 0.9).float().mean().item()
+
+    layout = pipeline({"resize": 20}, {"center_crop": 28})
+    digits = layout(load_digits("digits")[0])
+    leveled = pipeline({"levels": {"low": 0.35, "high": 0.75}})(digits)
+    assert saturated(digits) == pytest.approx(0.07, abs=0.005)
+    assert saturated(load_mnist5k("mnist5k")[0]) == pytest.approx(0.50, abs=0.005)
+    assert saturated(leveled) == pytest.approx(0.44, abs=0.005)

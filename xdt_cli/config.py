@@ -206,6 +206,23 @@ class ColorJitterArgs(_TransformArgs):
         return self.range(part) != ((0.0, 0.0) if part == "hue" else (1.0, 1.0))
 
 
+class LevelsArgs(_TransformArgs):
+    """An image editor's "levels": values up to `low` become 0, values from `high` on become
+    1, linear in between; the same map for every pixel, channel and image.
+
+    Blurry, faint strokes become crisp, saturated ones: the embedded digits (8x8 scans
+    enlarged to 28x28) get MNIST's stroke contrast with `{low: 0.35, high: 0.75}`."""
+
+    low: float = Field(0.0, ge=0, lt=1, description="the value that becomes black (0)")
+    high: float = Field(1.0, gt=0, le=1, description="the value that becomes white (1)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LevelsArgs:
+        if not self.low < self.high:
+            raise ValueError(f"expected low < high, got low {self.low}, high {self.high}")
+        return self
+
+
 class GrayscaleArgs(_TransformArgs):
     shorthand = "channels"
     channels: Literal[1, 3] = Field(1, description="1: grey; 3: grey repeated on R, G and B")
@@ -247,6 +264,7 @@ class TransformStep(Strict):
     random_affine: RandomAffineArgs | None = None
     horizontal_flip: HorizontalFlipArgs | None = None
     color_jitter: ColorJitterArgs | None = None
+    levels: LevelsArgs | None = None
     grayscale: GrayscaleArgs | None = None
     normalize: NormalizeArgs | None = None
 

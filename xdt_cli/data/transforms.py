@@ -28,6 +28,7 @@ from xdt_cli.config import (
     ColorJitterArgs,
     GrayscaleArgs,
     HorizontalFlipArgs,
+    LevelsArgs,
     NormalizeArgs,
     RandomAffineArgs,
     RandomCropArgs,
@@ -318,6 +319,19 @@ def _hsv_to_rgb(x: Tensor) -> Tensor:
     return (table * pick.unsqueeze(-4)).sum(-3)
 
 
+class Levels(Op):
+    """x -> (x - low) / (high - low), clamped to [0, 1] (see LevelsArgs)."""
+
+    name = "levels"
+    needs_float = True
+
+    def __init__(self, args: LevelsArgs) -> None:
+        self.low, self.high = args.low, args.high
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return ((x - self.low) / (self.high - self.low)).clamp_(0, 1)
+
+
 class Grayscale(Op):
     name = "grayscale"
     needs_float = True
@@ -358,6 +372,7 @@ OPS: dict[str, type[Op]] = {
         RandomAffine,
         HorizontalFlip,
         ColorJitter,
+        Levels,
         Grayscale,
         Normalize,
     )
