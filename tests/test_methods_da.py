@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from xdt_cli.methods._shared_da import (
 )
 from xdt_cli.methods.base import Method, MethodConfig
 from xdt_cli.methods.mcc import class_confusion_loss
-from xdt_cli.models import create_model
+from xdt_cli.models import Classifier, create_model
 
 DA_METHODS = ["dann", "cdan", "dan", "deep_coral", "mcc"]
 TOTAL_STEPS = 100
@@ -210,11 +211,70 @@ def test_dann_reverses_the_domain_gradient_at_the_features():
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
-def test_cdan_entropy_option_changes_the_loss():
-    plain = run_step(make_method("cdan", entropy=False), make_batch())
-    weighted = run_step(make_method("cdan", entropy=True), make_batch())
-    assert torch.equal(plain["cls_loss"], weighted["cls_loss"])
-    assert not torch.allclose(plain["transfer_loss"], weighted["transfer_loss"])
+def _tiny_cdan(entropy: bool) -> Method:
+    """CDAN on a linear 4 -> 3 feature map and a 3 -> 2 head, its weights set by hand so
+    that the predictions range from nearly certain to nearly uniform."""
+    torch.manual_seed(0)
+    model = Classifier(torch.nn.Linear(4, 3), 3, 2)
+    with torch.no_grad():
+        model.features.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]))
+        model.features.bias.zero_()
+        model.head.weight.copy_(torch.tensor([[2.0, -1.0, 0.5], [-1.0, 2.0, -0.5]]))
+        model.head.bias.copy_(torch.tensor([0.1, -0.1]))
+    method = METHODS["cdan"](
+        model, METHODS["cdan"].Config(entropy=entropy, trade_off=0.7, hidden_dim=8), total_steps=10
+    )
+    with torch.no_grad():  # a discriminator whose outputs differ clearly between samples
+        for layer in method.discriminator:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.mul_(4.0)
+    return method.eval()  # batch norm on running statistics: the discriminator is a function
+
+
+def _cdan_batch() -> list[DomainBatch]:
+    xs = torch.tensor([[3.0, 0, 0, 0], [0, 0.1, 0, 0], [0, 4, 0, 0], [1, 1, 0.5, 0.5]])
+    xt = torch.tensor([[0.2, 0, 0, 0], [0, 0, 0, 0], [0, 0, 2, 1], [5, -1, 0, 0]])
+    return [
+        DomainBatch(x=xs, y=torch.tensor([0, 1, 1, 0]), domain="s"),
+        DomainBatch(x=xt, y=None, domain="t"),
+    ]
+
+
+def test_cdan_and_cdan_e_losses_by_hand():
+    """CDAN's discriminator reads the outer products p (x) f; CDAN+E weights each sample's
+    BCE by w = 1 + exp(-H(p)) normalised within each domain, as the authors' code does:
+    weight = w_s / sum(w_s) + w_t / sum(w_t), loss = sum(weight * bce) / sum(weight)
+    (Transfer-Learning-Library instead normalises over the joint batch). Numpy by hand."""
+    batch = _cdan_batch()
+    for entropy in (False, True):
+        method = _tiny_cdan(entropy)
+        out = method.training_step(batch, MID_STEP)
+        w1 = method.model.features.weight.detach().double().numpy()
+        w2 = method.model.head.weight.detach().double().numpy()
+        b2 = method.model.head.bias.detach().double().numpy()
+        x = torch.cat([b.x for b in batch]).double().numpy()
+        f = x @ w1.T
+        z = f @ w2.T + b2
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        h = np.stack([np.outer(p[i], f[i]).ravel() for i in range(8)])  # row c*3+k: p_c f_k
+        with torch.no_grad():
+            d = method.discriminator(torch.tensor(h, dtype=torch.float32)).double().numpy()
+        bce = np.concatenate([np.log1p(np.exp(-d[:4])), np.log1p(np.exp(d[4:]))])
+        y = np.array([0, 1, 1, 0])
+        cls = np.mean(np.log(np.exp(z[:4]).sum(1)) - z[np.arange(4), y])
+        if entropy:
+            w = 1.0 + np.exp(np.sum(p * np.log(p + 1e-5), axis=1))  # 1 + exp(-H)
+            weight = np.concatenate([w[:4] / w[:4].sum(), w[4:] / w[4:].sum()])
+            transfer = np.sum(weight * bce) / np.sum(weight)
+            # the entropy weights matter here, and the per-domain normalisation too
+            joint = np.sum(w * bce) / np.sum(w)  # TLLib's w / sum(w) * N, then the mean
+            assert abs(transfer - bce.mean()) > 1e-3 and abs(transfer - joint) > 1e-4
+        else:
+            transfer = 0.5 * (bce[:4].mean() + bce[4:].mean())
+        assert out["cls_loss"].item() == pytest.approx(cls, rel=1e-5)
+        assert out["transfer_loss"].item() == pytest.approx(transfer, rel=1e-5), entropy
+        assert out["loss"].item() == pytest.approx(cls + 0.7 * transfer, rel=1e-5)
 
 
 def test_cdan_randomized_map_is_seeded_and_checkpointed():

@@ -8,6 +8,7 @@ import contextlib
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -404,12 +405,79 @@ def test_mgda_step_equals_backprop_of_the_alpha_weighted_loss() -> None:
             torch.testing.assert_close(p, q - g, rtol=1e-4, atol=1e-6, msg=f"{arch} {n}")
 
 
-def test_mgda_normalisations_give_valid_weights() -> None:
-    for kind in ("none", "l2", "loss", "loss+"):
-        method, opt = _build("mgda", normalization=kind)
-        out = method.manual_step(_batch(), 0, opt)
-        w = torch.stack([out["weight_a"], out["weight_b"]])
-        assert (w >= 0).all() and w.sum().item() == pytest.approx(1.0), kind
+def _closed_form(g1: np.ndarray, g2: np.ndarray) -> np.ndarray:
+    """The two-task min-norm weights [alpha, 1 - alpha] (Sener & Koltun 2018, Algorithm 1)."""
+    alpha = min(max(float((g2 - g1) @ g2) / float((g1 - g2) @ (g1 - g2)), 0.0), 1.0)
+    return np.array([alpha, 1.0 - alpha])
+
+
+def _hand_normalised(kind: str, g: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """LibMTL's `_gradient_normalizers`: g / 1, g / ||g||, g / L, g / (L ||g||)."""
+    norms = np.sqrt((g**2).sum(axis=1))
+    scale = {"none": np.ones(len(g)), "l2": norms, "loss": losses, "loss+": losses * norms}
+    return g / scale[kind][:, None]
+
+
+# hand numbers: g1 = [3, 0], g2 = [0, 1], L = [2, 0.5]
+#   none:  (g2-g1).g2 = 1,  ||g1-g2||^2 = 10              -> alpha = 0.1
+#   loss:  [1.5, 0], [0, 2]:  4 / (2.25 + 4)              -> alpha = 0.64
+#   l2:    [1, 0], [0, 1]: any two unit vectors            -> alpha = 0.5
+#   loss+: [0.5, 0], [0, 2]:  4 / (0.25 + 4)              -> alpha = 16/17
+MGDA_BY_HAND = {"none": 0.1, "loss": 0.64, "l2": 0.5, "loss+": 16 / 17}
+
+
+@pytest.mark.parametrize("kind", sorted(MGDA_BY_HAND))
+def test_mgda_normalisation_and_solve_by_hand(kind: str) -> None:
+    method, _ = _build("mgda", normalization=kind)
+    grads = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    losses = [torch.tensor(2.0), torch.tensor(0.5)]
+    alpha = MGDA_BY_HAND[kind]
+    w = min_norm_weights(method._normalise(grads, losses))
+    torch.testing.assert_close(w, torch.tensor([alpha, 1 - alpha]), rtol=1e-6, atol=1e-7)
+    # l2 ignores a gradient's length; loss ignores a loss scaled with its gradient; none
+    # and loss+ do not (loss+ divides by L ||g||: a 10x longer g2 is a 10x shorter vector)
+    w10 = min_norm_weights(method._normalise(grads * torch.tensor([[1.0], [10.0]]), losses))
+    scaled = min_norm_weights(
+        method._normalise(grads * torch.tensor([[1.0], [10.0]]), [losses[0], 10 * losses[1]])
+    )
+    g10 = np.array([[3.0, 0.0], [0.0, 10.0]])
+    expected = _closed_form(*_hand_normalised(kind, g10, np.array([2.0, 0.5])))
+    torch.testing.assert_close(w10, torch.tensor(expected, dtype=torch.float32))
+    if kind == "l2":
+        torch.testing.assert_close(w10, torch.tensor([0.5, 0.5]))
+    if kind in ("loss", "l2"):
+        torch.testing.assert_close(scaled, w, rtol=1e-6, atol=1e-7)
+    if kind == "none":
+        assert abs(w10[0].item() - alpha) > 0.05
+
+
+@pytest.mark.parametrize("kind", ["none", "l2", "loss", "loss+"])
+def test_mgda_step_weights_are_the_closed_form_of_the_normalised_gradients(kind: str) -> None:
+    """A real step (hps): the logged weights equal the closed form computed in numpy from the
+    representation gradients and the loss values of an untouched copy of the model."""
+    batch = _batch()
+    method, opt = _build("mgda", normalization=kind)
+    reference = copy.deepcopy(method.model)
+    out = method.manual_step(batch, 0, opt)
+    x = batch[0].x
+    rep = reference.encode(x).detach().requires_grad_()
+    outs = reference.decode(rep, x, ["a", "b"])
+    la = F.cross_entropy(outs["a"], batch[0].y)
+    lb = ((outs["b"].squeeze(-1) - batch[1].y) ** 2).mean()
+    ga = torch.autograd.grad(la, rep, retain_graph=True)[0].flatten().double().numpy()
+    gb = torch.autograd.grad(lb, rep)[0].flatten().double().numpy()
+    losses = np.array([la.item(), lb.item()])
+    expected = _closed_form(*_hand_normalised(kind, np.stack([ga, gb]), losses))
+    got = np.array([out["weight_a"].item(), out["weight_b"].item()])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([out["loss_a"].item(), out["loss_b"].item()], losses, rtol=1e-5)
+    # the normalisations really differ on this batch (else the check above proves little)
+    others = {
+        k: _closed_form(*_hand_normalised(k, np.stack([ga, gb]), losses))[0]
+        for k in ("none", "l2", "loss", "loss+")
+        if k != kind
+    }
+    assert all(abs(v - expected[0]) > 1e-3 for v in others.values()), (kind, others)
 
 
 # --------------------------------------------------------------------------- gradnorm
