@@ -75,7 +75,8 @@ class _Unreadable:
 
 
 class _ImageFiles(Dataset):
-    """Items are (index, seed): the image at `index`, transformed under `seed`."""
+    """Items are (index, seed): the image at `index`, transformed under `seed`, returned
+    with its label and `index` (the stream looks the sample's loss weight up by it)."""
 
     def __init__(self, files: tuple[str, ...], labels: list[int], transform: Pipeline) -> None:
         self.files = files
@@ -85,7 +86,7 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int] | _Unreadable:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int, int] | _Unreadable:
         index, seed = item
         path = self.files[index]
         try:
@@ -95,14 +96,15 @@ class _ImageFiles(Dataset):
         with torch.random.fork_rng(devices=[]):  # never moves the caller's RNG (workers=0)
             torch.manual_seed(seed)
             x = self.transform(x.unsqueeze(0))[0]
-        return x, self.labels[index]
+        return x, self.labels[index], index
 
 
-def _collate(samples: list[Any]) -> tuple[Tensor, Tensor] | _Unreadable:
+def _collate(samples: list[Any]) -> tuple[Tensor, Tensor, Tensor] | _Unreadable:
+    """(x, y, index) of a batch, or the first sample that could not be made."""
     for sample in samples:
         if isinstance(sample, _Unreadable):
             return sample
-    shapes = {tuple(x.shape) for x, _ in samples}
+    shapes = {tuple(x.shape) for x, _, _ in samples}
     if len(shapes) > 1:
         a, b = sorted(shapes)[:2]
         return _Unreadable(
@@ -110,7 +112,8 @@ def _collate(samples: list[Any]) -> tuple[Tensor, Tensor] | _Unreadable:
             f"images of different sizes in one batch ({'x'.join(map(str, a))} and "
             f"{'x'.join(map(str, b))}); add a resize with [height, width] or a crop",
         )
-    return torch.stack([x for x, _ in samples]), torch.tensor([y for _, y in samples])
+    x = torch.stack([x for x, _, _ in samples])
+    return x, torch.tensor([y for _, y, _ in samples]), torch.tensor([i for _, _, i in samples])
 
 
 def _failure(out: _Unreadable, key: str) -> ConfigError:
@@ -193,7 +196,7 @@ class FileSplit:
                 del batches
                 self.close()
                 raise _failure(out, self.key)
-            x, y = out
+            x, y, _ = out
             yield x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
 
     def _eval_loader(self, batch_size: int, device: torch.device) -> DataLoader:
@@ -225,6 +228,7 @@ class FileSplit:
         device: torch.device,
         labelled: bool,
         task: str | None,
+        weight: Tensor | None = None,
     ) -> FileStream:
         return FileStream(
             self,
@@ -234,11 +238,16 @@ class FileSplit:
             device=device,
             labelled=labelled,
             task=task,
+            weight=weight,
         )
 
 
 class FileStream:
-    """Training batches of a FileSplit through a DataLoader, `batch(step)` at any step."""
+    """Training batches of a FileSplit through a DataLoader, `batch(step)` at any step.
+
+    `weight` (per sample, indexed like the split) stays in this process: each batch comes
+    back from the workers with its samples' indices, and its `weight` is looked up by them,
+    so it holds exactly the weights of the images in the batch."""
 
     def __init__(
         self,
@@ -250,9 +259,11 @@ class FileStream:
         device: torch.device,
         labelled: bool = True,
         task: str | None = None,
+        weight: Tensor | None = None,
     ) -> None:
         check_batch_size(len(split), batch_size, domain)
         self.size = len(split)
+        self.weight = weight.to(device) if weight is not None else None
         self.batch_size = batch_size
         self.seed = seed
         self.domain = domain
@@ -279,13 +290,14 @@ class FileStream:
         if isinstance(out, _Unreadable):
             self.close()  # see FileSplit.batches
             raise _failure(out, self.key)
-        x, y = out
+        x, y, index = out
         non_blocking = self._loader.pin_memory
         return DomainBatch(
             x=x.to(self.device, non_blocking=non_blocking),
             y=y.to(self.device, non_blocking=non_blocking) if self.labelled else None,
             domain=self.domain,
             task=self.task,
+            weight=self.weight[index.to(self.weight.device)] if self.weight is not None else None,
         )
 
     def state_dict(self) -> dict[str, int | str]:

@@ -25,9 +25,9 @@ from xdt_cli.errors import ConfigError
 class DomainBatch:
     """One domain's (or task's) share of a training step. `y` is None when unlabelled.
 
-    `weight`: per-sample loss weights lambda_{d,i} (`xdt generalize`: the per-domain weight
-    times the per-sample weight, scaled so that the batch mean estimates the weighted total
-    loss; see regimes.py); None where every sample counts the same.
+    `weight`: per-sample loss weights of the batch's samples (`xdt generalize`: lambda_d
+    times s_{d,i}, so that the weighted batch mean is the domain's weighted risk; see
+    regimes.py); None where every sample counts the same (plain means).
     """
 
     x: Tensor
@@ -130,10 +130,7 @@ def make_stream(
         "task": task,
     }
     if weight is not None:
-        if not hasattr(split, "x"):
-            raise ConfigError(
-                f"data.dataset: per-sample weights need a data set held in memory; domain "
-                f"'{domain}' is read from image files"
-            )
+        if len(weight) != len(split):
+            raise ValueError(f"{len(weight)} weights for the {len(split)} samples of '{domain}'")
         options["weight"] = weight
     return split.stream(**options)

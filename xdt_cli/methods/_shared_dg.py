@@ -1,13 +1,13 @@
 """Pieces shared by the domain-generalisation methods (the `generalize` regime).
 
-A generalize step holds one labelled `DomainBatch` per training domain, each with optional
-per-sample weights lambda_{d,i} (see regimes.py). Every method here builds on the weighted
-per-domain risk R_d = mean_i(lambda_{d,i} * loss_{d,i}) over domain d's batch: the mean of
-R_d over domains is the unbiased estimate of the weighted loss sum_d sum_i lambda_{d,i}
-L_{d,i} (the domains' batches are equally large), so ERM's objective is exactly that mean
-and IRM, V-REx, GroupDRO, CORAL, MMD, Mixup and MLDG change what is added to or done with
-the R_d. As in DomainBed (Gulrajani & Lopez-Paz 2021), the domains go through the network
-in one pass (batch norm sees all of them), except where a method needs separate passes.
+A generalize step holds one labelled, equally large `DomainBatch` per training domain, each
+with optional per-sample weights lambda_d * s_{d,i} (see regimes.py; None by default).
+Every method here builds on the per-domain risk R_d = mean_i(weight_i * loss_{d,i}) over
+domain d's batch, the plain mean where the weights are None: ERM's objective is the mean of
+R_d over domains (DomainBed's, by default), and IRM, V-REx, GroupDRO, CORAL, MMD, Mixup and
+MLDG change what is added to or done with the R_d. As in DomainBed (Gulrajani & Lopez-Paz
+2021), the domains go through the network in one pass (batch norm sees all of them), except
+where a method needs separate passes.
 
 Feature statistics reuse `_shared_da.py` (covariance, full-precision blocks); the MMD kernel
 is DomainBed's fixed family of Gaussian bandwidths, not DAN's data-dependent one.

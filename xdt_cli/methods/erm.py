@@ -24,9 +24,10 @@ class ERM(Method):
 
     Averages the cross-entropy over all labelled samples of the step. It is the reference
     point of every paradigm: source training, fine-tuning and DomainBed's ERM baseline
-    (Gulrajani & Lopez-Paz 2021: one batch per training domain, one pass). Under generalize
-    the batches carry per-sample weights lambda_{d,i}, and the loss is mean_i(lambda_i CE_i)
-    over the step's samples: the estimate of sum_d sum_i lambda_{d,i} L_{d,i}.
+    (Gulrajani & Lopez-Paz 2021: one equal batch per training domain, one pass, so the loss
+    is the mean of the domains' mean losses). Where generalize's batches carry per-sample
+    weights lambda_d * s_{d,i}, the loss is mean_i(weight_i CE_i) over the step's samples:
+    (1/D) sum_d lambda_d R_d (regimes.py).
     """
 
     name = "erm"
