@@ -81,6 +81,9 @@ class Method(nn.Module):
     paper: ClassVar[str] = ""
     # True: the engine calls `manual_step` instead of `training_step` + backward + step
     manual_optimization: ClassVar[bool] = False
+    # Images of the unlabelled target stream (transfer) per labelled image of a step: the
+    # transfer regime's target batch is train.batch_size times this (FixMatch's mu)
+    unlabelled_batch_ratio: int = 1
 
     def __init__(self, model: Classifier, config: MethodConfig, *, total_steps: int) -> None:
         super().__init__()

@@ -19,26 +19,43 @@ class MLDGConfig(MethodConfig):
     inner_lr: float | None = Field(
         None,
         gt=0,
-        description="alpha of the virtual step theta' = theta - alpha grad; "
-        "default: the optimizer's current learning rate of each parameter",
+        description="learning rate of the virtual step (the inner optimizer's lr); "
+        "default: the run's current learning rate of each parameter group, as DomainBed",
     )
+
+
+def inner_hyperparameters(group: dict) -> dict:
+    """An optimizer param group's hyper-parameters (lr, weight decay, betas or momentum...),
+    without its parameters and the schedule's bookkeeping."""
+    return {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
 
 
 @register
 class MLDG(Method):
     """Meta-Learning Domain Generalization (Li, Yang, Song & Hospedales, AAAI 2018).
 
-    Each step simulates a domain shift: the domains are paired in a random cycle (DomainBed's
-    `split_meta_train_test`); for each pair (i, j), a virtual step on domain i,
-    theta' = theta - alpha grad R_i(theta), is scored on domain j, and the gradient of
-    R_i(theta) + beta R_j(theta') is accumulated, averaged over the pairs, then one optimizer
-    step is taken. The gradient through theta' uses DomainBed's first-order approximation
-    (grad R_j at theta'), so a pair costs two forward and two backward passes and no
-    second-order terms. R are the weighted risks of the generalize regime.
+    Each step simulates a domain shift, as DomainBed's MLDG does: the D domains are paired
+    in a random cycle (`random_pairs_of_minibatches`); for each pair (i, j) the gradient
+    G_i = grad R_i(theta) is taken, a virtual step theta' = InnerOpt(theta, G_i) is made by a
+    fresh optimizer of the run's own kind and hyper-parameters (`optim.name`, the lr of the
+    current step in each parameter group, weight decay, momentum or betas; e.g. Adam, so the
+    first-step update is about lr * sign(G_i)), and domain j is scored at theta'. The
+    gradient of the step is first-order MLDG:
+
+        g = sum over pairs (G_i + beta * grad R_j(theta')) / D,
+
+    then the run's optimizer takes one step with g. R are the weighted risks of the
+    generalize regime. Differences from DomainBed, stated plainly: the virtual step works on
+    a copy of the trainable parameters only (a frozen or not yet released parameter keeps its
+    value, as it would in a deep copy that it does not train), `inner_lr` can override the
+    inner learning rate, and the meta-train forward runs through the real model, so its
+    batch-norm statistics are updated once per domain and step, as in ERM (DomainBed's real
+    network never runs forward in MLDG; its MNIST net has no batch norm); the meta-test
+    forward uses a throw-away copy of the statistics, like DomainBed's copied network.
 
     It needs its own optimisation (`manual_optimization`): several backward passes per step,
     one pair's graph at a time. The engine's `OptimizerStep` keeps the grad scaler, autocast
-    and gradient clipping of the run.
+    and gradient clipping of the run (clipping applies to g, not to the virtual step).
     """
 
     name = "mldg"
@@ -47,14 +64,35 @@ class MLDG(Method):
     paper = "Li et al., Learning to Generalize: Meta-Learning for Domain Generalization, AAAI 2018"
     manual_optimization = True
 
+    def virtual_step(
+        self, optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]], grads
+    ) -> dict[str, Tensor]:
+        """theta' after one step of a fresh optimizer like `optimizer` (same class, same
+        group hyper-parameters) from theta with the gradients `grads` (unscaled)."""
+        fast = {name: p.detach().clone() for name, p in named}
+        fast_of = {id(p): fast[name] for name, p in named}
+        for (name, _), g in zip(named, grads, strict=True):
+            fast[name].grad = None if g is None else g.detach().to(fast[name].dtype)
+        groups = []
+        for group in optimizer.param_groups:
+            members = [fast_of[id(p)] for p in group["params"] if id(p) in fast_of]
+            if members:
+                hyper = inner_hyperparameters(group)
+                if self.config.inner_lr is not None:
+                    hyper["lr"] = self.config.inner_lr
+                groups.append({**hyper, "params": members})
+        if groups:
+            type(optimizer)(groups).step()
+        return {name: value.detach().requires_grad_() for name, value in fast.items()}
+
     def manual_step(
         self, batch: list[DomainBatch], step: int, opt: OptimizerStep
     ) -> dict[str, Tensor]:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
-        lr_of = {id(p): g["lr"] for g in opt.optimizer.param_groups for p in g["params"]}
         grads = [torch.zeros_like(p) for p in params]
         pairs = random_pairs(len(batch))
+        domains = len(batch)  # DomainBed divides by the number of minibatches (= of pairs)
         train_risks, test_risks = [], []
         for i, j in pairs:
             a, b = batch[i], batch[j]
@@ -62,20 +100,21 @@ class MLDG(Method):
                 risk_i = weighted_cross_entropy(self.model(a.x), labels_of(a), a.weight)
             grad_i = torch.autograd.grad(opt.scale(risk_i), params, allow_unused=True)
             unscale = 1.0 / opt.scale_factor()
-            fast = {}
-            for (name, p), g in zip(named, grad_i, strict=True):
-                alpha = self.config.inner_lr or lr_of.get(id(p), 0.0)
-                value = p.detach() if g is None else p.detach() - alpha * unscale * g
-                fast[name] = value.requires_grad_()
+            fast = self.virtual_step(
+                opt.optimizer, named, [None if g is None else g * unscale for g in grad_i]
+            )
+            # a throw-away copy of the statistics: the meta-test pass leaves the model's alone
+            state = {n: t.clone() for n, t in self.model.named_buffers()}
+            state.update(fast)
             with opt.autocast:
-                logits_j = functional_call(self.model, fast, (b.x,))
+                logits_j = functional_call(self.model, state, (b.x,))
                 risk_j = weighted_cross_entropy(logits_j, labels_of(b), b.weight)
             grad_j = torch.autograd.grad(opt.scale(risk_j), list(fast.values()), allow_unused=True)
             for total, g_i, g_j in zip(grads, grad_i, grad_j, strict=True):
                 if g_i is not None:
-                    total.add_(g_i, alpha=1.0 / len(pairs))
+                    total.add_(g_i, alpha=1.0 / domains)
                 if g_j is not None:
-                    total.add_(g_j, alpha=self.config.beta / len(pairs))
+                    total.add_(g_j, alpha=self.config.beta / domains)
             train_risks.append(risk_i.detach())
             test_risks.append(risk_j.detach())
         for p, g in zip(params, grads, strict=True):

@@ -23,10 +23,17 @@ class SelfTrainingConfig(MethodConfig):
     unlabelled_weight: float = Field(
         1.0, ge=0, description="weight lambda_u of the pseudo-label loss (FixMatch: 1)"
     )
+    mu: int = Field(
+        7,
+        ge=1,
+        description="unlabelled (target) images per labelled (source) image in a step: the "
+        "target batch is mu * train.batch_size (FixMatch mu: 7)",
+    )
     distribution_alignment: bool = Field(
-        True,
-        description="ReMixMatch's distribution alignment (Berthelot et al. 2020): scale the "
-        "weak-view probabilities by source class prior / running mean target prediction",
+        False,
+        description="ReMixMatch's distribution alignment (Berthelot et al. 2020), not part of "
+        "FixMatch: scale the weak-view probabilities by source class prior / running mean "
+        "target prediction; the shipped digits configs turn it on",
     )
     alignment_momentum: float = Field(
         0.9,
@@ -38,7 +45,7 @@ class SelfTrainingConfig(MethodConfig):
     flip: bool = Field(
         False,
         description="weak views also flip horizontally, as FixMatch does on natural images; "
-        "off because digits are not flip-invariant",
+        "off as FixMatch has it on SVHN (digits are not flip-invariant)",
     )
 
 
@@ -50,27 +57,37 @@ class SelfTraining(Method):
     cross-entropy; the target batch's weak view is predicted, and a prediction whose top
     probability reaches `threshold` becomes a hard pseudo-label (never back-propagated
     through); the strong view of the same target images (random affine, brightness/contrast,
-    cutout: `xdt_cli.augment.strong`) is trained toward that pseudo-label. The unlabelled loss
-    is averaged over the whole target batch, so it fades in as the model grows confident:
+    cutout: `xdt_cli.augment.strong`, a RandAugment-like view) is trained toward that
+    pseudo-label. The unlabelled loss is averaged over the whole target batch, so it fades in
+    as the model grows confident:
 
         loss = CE(source weak)
              + lambda_u * mean_i 1[max p_i >= tau] * CE(target strong_i, argmax p_i)
 
     As in FixMatch the three views go through the model in one forward pass, so batch norm
     sees them together. The target labels are never read (they are None in a transfer run);
-    "mask_rate" logs the fraction of target samples above the threshold. FixMatch draws 7
-    unlabelled samples per labelled one; here the target batch has the source batch's size.
+    "mask_rate" logs the fraction of target samples above the threshold. As in FixMatch the
+    target batch holds `mu` (7) unlabelled images per labelled one: the method declares it
+    (`unlabelled_batch_ratio`) and the transfer regime draws mu * train.batch_size target
+    images a step, so a step costs about 1 + 2 mu source-batch forwards.
+
+    The defaults are FixMatch's (tau 0.95, lambda_u 1, mu 7, hard pseudo-labels of the raw
+    weak-view prediction). Differences, stated plainly: the weak view is a shift without a
+    flip (FixMatch's own setting on SVHN; `flip: true` adds it), the strong view is the
+    fixed-magnitude affine + brightness/contrast + cutout above rather than RandAugment's
+    random choice of 2 of 14 operations, and the optimiser and schedule are the run's.
 
     FixMatch assumes the unlabelled data come from the labelled distribution. Across a
     domain shift its pseudo-labels can confirm their own bias: once the first confident
     target predictions are dominated by one class, the network (which can tell the domains
     apart) learns to give that class to every target image, and "mask_rate" jumps to 1.
-    Plain FixMatch (`distribution_alignment: false`) does exactly that on digits -> mnist5k
-    with the cnn within about 100 steps (target accuracy 0.10). So by default the weak-view
-    probabilities are first aligned as in ReMixMatch (Berthelot et al., ICLR 2020):
-    p <- normalise(p * prior / running_mean(p)), with the source's running class frequencies
-    as the prior; a class that the target predictions over-use is damped before it can
-    become a pseudo-label. Both running distributions are buffers, so they are checkpointed.
+    Plain FixMatch did exactly that on digits -> mnist5k with the cnn and mu 1 within about
+    100 steps (target accuracy 0.10). `distribution_alignment: true` (off by default; the
+    shipped digits configs turn it on) first aligns the weak-view probabilities as in
+    ReMixMatch (Berthelot et al., ICLR 2020): p <- normalise(p * prior / running_mean(p)),
+    with the source's running class frequencies as the prior; a class that the target
+    predictions over-use is damped before it can become a pseudo-label. Both running
+    distributions are buffers, so they are checkpointed.
 
     The augmentations assume images in [0, 1] (cutout writes 0, the digits' background), so
     put `normalize` in the model rather than in the train transforms of a self_training run.
@@ -89,6 +106,7 @@ class SelfTraining(Method):
         classes = model.head.out_features
         self.register_buffer("source_prior", torch.full((classes,), 1.0 / classes))
         self.register_buffer("target_mean", torch.full((classes,), 1.0 / classes))
+        self.unlabelled_batch_ratio = config.mu
 
     @torch.no_grad()
     def _align(self, probs: Tensor, labels: Tensor) -> Tensor:
@@ -99,6 +117,17 @@ class SelfTraining(Method):
         self.target_mean.mul_(m).add_(probs.mean(0), alpha=1 - m)
         aligned = probs * self.source_prior / self.target_mean.clamp_min(1e-6)
         return aligned / aligned.sum(1, keepdim=True)
+
+    @torch.no_grad()
+    def pseudo_labels(self, logits_weak: Tensor, source_y: Tensor) -> tuple[Tensor, Tensor]:
+        """(argmax p, 1[max p >= tau] as floats) of the weak-view probabilities p, aligned
+        first when `distribution_alignment` is on (which updates the running distributions
+        with `source_y` and p)."""
+        probs = torch.softmax(logits_weak.float(), dim=1)
+        if self.config.distribution_alignment:
+            probs = self._align(probs, source_y)
+        confidence, pseudo_label = probs.max(dim=1)
+        return pseudo_label, (confidence >= self.config.threshold).float()
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
         cfg = self.config
@@ -112,12 +141,7 @@ class SelfTraining(Method):
         )
 
         cls_loss = F.cross_entropy(logits_source, source.y)
-        with torch.no_grad():
-            probs = torch.softmax(logits_weak.float(), dim=1)
-            if cfg.distribution_alignment:
-                probs = self._align(probs, source.y)
-            confidence, pseudo_label = probs.max(dim=1)
-            mask = (confidence >= cfg.threshold).float()
+        pseudo_label, mask = self.pseudo_labels(logits_weak, source.y)
         per_sample = F.cross_entropy(logits_strong.float(), pseudo_label, reduction="none")
         unlabelled_loss = (per_sample * mask).mean()
         loss = cls_loss + cfg.unlabelled_weight * unlabelled_loss
