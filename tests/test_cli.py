@@ -196,6 +196,16 @@ def test_datasets_and_methods(cli) -> None:
     assert "erm" in cli("methods").stdout
 
 
+def test_methods_lists_the_selection_rules() -> None:
+    from xdt_cli.listing import rule_rows
+
+    rows = {r["rule"]: r for r in rule_rows()}
+    assert rows["oracle"]["chooses"] == "the last checkpoint"  # DomainBed's oracle
+    assert rows["source_val"]["chooses"] == "the best checkpoint"
+    assert rows["training_domain_val"]["default of"] == ["generalize"]
+    assert rows["task_val"]["subcommands"] == ["multitask"]
+
+
 def test_resume_a_finished_run_does_nothing(cli, tiny_config: Path, tmp_path: Path) -> None:
     assert cli("train-source", tiny_config, "--name", "done", "-q").exit_code == 0
     run_dir = tmp_path / "runs" / "done"

@@ -557,3 +557,101 @@ def test_a_duplicated_key_is_an_error(tmp_path: Path) -> None:
     path = config_file(tmp_path, "train: {steps: 10}\nseed: 1\ntrain: {batch_size: 8}\n")
     (line,) = problems(path)
     assert line.startswith(f"{path}: ") and "train" in line
+
+
+# --------------------------------------------------------------------------- hostile files
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """'Billion laughs': each level lists `width` aliases of the one below, width^levels
+    leaves in all (9^9 = 387,420,489) from a file of a few hundred bytes."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    for k in range(1, levels):
+        lines.append(f"l{k}: &l{k} [{', '.join([f'*l{k - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def _one_error_line(result, path: Path) -> str:
+    """The CLI refused `path` as bad input: exit 2, one stderr line naming it, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert not isinstance(result.exception, Exception) or isinstance(
+        result.exception, SystemExit
+    ), result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {path}: "), lines[0]
+    assert "Traceback" not in result.output and "hint:" not in result.stderr
+    return lines[0]
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from xdt_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_a_config_that_is_not_utf8_exits_2_with_one_line_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(SOURCE.encode() + "name: caf\xe9\n".encode("latin-1"))
+    line = _one_error_line(_cli("validate", path), path)
+    assert "UTF-8" in line and "0xe9" in line
+    assert problems(path) == [line.removeprefix("error: ")]
+
+
+def test_a_base_file_that_is_not_utf8_names_the_base_file(tmp_path: Path) -> None:
+    parent = tmp_path / "parent.yaml"
+    parent.write_bytes(b"seed: 1\nname: \xff\xfe\n")
+    child = config_file(tmp_path, "base: parent.yaml\n", name="child.yaml")
+    line = _one_error_line(_cli("validate", child), parent)
+    assert "UTF-8" in line
+
+
+def test_an_alias_bomb_is_refused_quickly_naming_the_file(tmp_path: Path) -> None:
+    import time
+
+    path = write(tmp_path / "bomb.yaml", SOURCE + _alias_bomb())
+    _cli("validate", tmp_path / "missing.yaml")  # the imports, outside the timing
+    start = time.perf_counter()
+    line = _one_error_line(_cli("validate", path), path)
+    assert time.perf_counter() - start < 2.0
+    assert "alias" in line
+    # the same reader guards base files, sweep files and benchmark suites
+    child = config_file(tmp_path, "base: bomb.yaml\n", name="child.yaml")
+    assert "alias" in _one_error_line(_cli("validate", child), path)
+    sweep = write(tmp_path / "sweep.yaml", _alias_bomb())
+    assert "alias" in _one_error_line(_cli("sweep", sweep, "--dry-run"), sweep)
+    suite = write(tmp_path / "suite.yaml", _alias_bomb())
+    assert "alias" in _one_error_line(_cli("benchmark", suite), suite)
+    assert time.perf_counter() - start < 8.0
+
+
+def test_a_wide_but_shallow_use_of_aliases_still_loads(tmp_path: Path) -> None:
+    # anchors and aliases are ordinary YAML: sharing a section is fine, and so is a bomb
+    # of a few levels whose expansion stays small
+    path = config_file(
+        tmp_path,
+        "train: &t {steps: 7}\nschedule: {name: constant}\n",
+    )
+    assert load_config(path).train.steps == 7
+    shared = write(
+        tmp_path / "shared.yaml",
+        "data:\n  source: &s {dataset: digits}\n  target: *s\nmethod: {name: dann}\n",
+    )
+    cfg = load_config(shared, subcommand="transfer")
+    assert cfg.data.target.dataset == cfg.data.source.dataset == "digits"
+    small = write(tmp_path / "small.yaml", SOURCE + _alias_bomb(levels=3, width=9))
+    lines = problems(small)  # 9^3 nodes load; then the keys are unknown, as they should be
+    assert len(lines) == 3 and all("unknown key" in line for line in lines), lines
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "loop.yaml", SOURCE + "seed: &a [1, *a]\n")
+    line = _one_error_line(_cli("validate", path), path)
+    assert "alias" in line
+
+
+def test_the_reader_is_still_a_safe_loader() -> None:
+    from xdt_cli import config
+
+    assert issubclass(config._BoundedLoader, yaml.SafeLoader)
+    assert config._load_yaml("a: 1\nb: [x, 1e-3]\n")[0] == yaml.safe_load("a: 1\nb: [x, 1e-3]\n")

@@ -75,14 +75,15 @@ def test_derived_sets_are_deterministic_and_held_out_domains_split_20_80() -> No
         ("data.test_domains=[rot80]", "data.test_domains: rotated_mnist5k has no domain 'rot80'"),
         ("data.domains=[rot0, rot15]", "data.test_domains: rot30 not in data.domains"),
         ("data.test_domains=[rot0, rot15, rot30]", "data.test_domains: holds out every domain"),
-        ("data.test_domains=[]", "data.test_domains: hold out at least one domain"),
         ("data.domain_weights={rot30: 2.0}", "data.domain_weights: rot30 is not a training"),
         ("data.domain_weights={rot0: -1}", "data.domain_weights.rot0"),
         ("data.sample_weights=balanced", "data.sample_weights"),
+        ("data.sample_weights=inverse_domain_size", "'inverse_domain_size' was removed"),
         ("data.sample_weights=missing.npy", "data.sample_weights: missing.npy not found"),
         ("selection.rule=source_val", "selection.rule"),
         ("selection.metric=rot30/val/acc", "selection.metric"),
-        ("selection.rule=leave_one_domain_out", "selection.rule: leave_one_domain_out needs"),
+        ("selection.rule=leave_one_domain_out", "selection.rule: leave_one_domain_out compares"),
+        ("selection.metric=test_domains/val/acc", "is not read by rule training_domain_val"),
         ("method.name=dann", "method.name"),
         ("data.dataset=mnist5k", "data.dataset: mnist5k has one domain"),
     ],
@@ -179,7 +180,9 @@ def test_report_rules_recompute_the_run_s_choice(tmp_path: Path) -> None:
 
     config = read_yaml(run / "config.yaml")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").open() if '"eval"' in x]
-    assert select("oracle", config, rows)["step"] == summary["best_step"]
+    # DomainBed's oracle: the last checkpoint, whatever its held-out val accuracy
+    assert select("oracle", config, rows)["step"] == summary["best_step"] == rows[-1]["step"]
+    assert summary["best"] == {k: v for k, v in rows[-1].items() if k not in ("step", "split")}
     assert summary["selection"]["metric"] == "test_domains/val/acc"
     chosen = select("training_domain_val", config, rows)
     assert chosen["train_domains/val/acc"] == max(r["train_domains/val/acc"] for r in rows)
@@ -230,8 +233,10 @@ def test_leave_one_out_through_the_cli_with_leave_one_domain_out(cli, tmp_path: 
     )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert len(summary["children"]) == 6 and "rot0-rot15" in summary["children"]
-    assert summary["selection"]["metric"] == "val_domains/val/acc"
+    # D + D(D-1) children: [t] and [t, v] for every test domain t and other domain v
+    assert len(summary["children"]) == 9 and {"rot0", "rot0-rot15"} <= summary["children"].keys()
+    assert summary["selection"]["metric"] == "leave_one_domain_out/val/acc"
+    assert set(summary["best_steps"]) == {"rot0", "rot15", "rot30"}
     assert summary["best"]["avg/test/acc"] is not None
     result = cli("generalize", path, "data.test_domains=[rot0]", "--leave-one-out")
     assert result.exit_code == 2 and "data.test_domains" in result.stderr
@@ -258,3 +263,35 @@ def test_ema_resume_equals_an_uninterrupted_run_and_best_holds_the_average(
     assert any(not torch.equal(last["method"][k], last["ema"][k]) for k in last["ema"])
     cut = load_checkpoint(runs / "cut" / "checkpoints" / "last.pt")
     assert all(torch.equal(cut["ema"][k], last["ema"][k]) for k in last["ema"])
+
+
+def test_with_no_held_out_domain_every_domain_trains_and_the_worst_is_reported(
+    cli, tmp_path: Path
+) -> None:
+    """Generalised learning without held-out domains: do well on all of them. The summary
+    holds each domain's test acc, their mean and the worst one; report shows them."""
+    config = {**DG, "data": {**DG["data"], "test_domains": []}}
+    path = write_config(tmp_path / "all.yaml", config)
+    result = cli("generalize", path, "--name", "all", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["selection"]["rule"] == "training_domain_val"
+    best, domains = summary["best"], ("rot0", "rot15", "rot30")
+    per_domain = [best[f"{d}/test/acc"] for d in domains]
+    assert best["train_domains/test/acc"] == pytest.approx(sum(per_domain) / 3)
+    assert best["worst_domain/test/acc"] == min(per_domain)
+    assert best["worst_domain/val/acc"] == min(best[f"{d}/val/acc"] for d in domains)
+    assert best["worst_domain/test/loss"] == max(best[f"{d}/test/loss"] for d in domains)
+    assert not any(k.startswith("test_domains/") for k in best)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "all" / "metrics.jsonl").open()]
+    for row in (r for r in rows if r["split"] == "eval"):
+        assert row["worst_domain/test/acc"] == min(row[f"{d}/test/acc"] for d in domains)
+    shown = cli("report", str(tmp_path / "runs"), "--format", "json")
+    assert shown.exit_code == 0, shown.stderr
+    (group,) = json.loads(shown.stdout)
+    assert group["mean"]["worst_domain/test/acc"] == best["worst_domain/test/acc"]
+    assert group["mean"]["train_domains/test/acc"] == best["train_domains/test/acc"]
+    for rule in ("oracle", "leave_one_domain_out"):
+        refused = cli("generalize", path, f"selection.rule={rule}", "-q")
+        assert refused.exit_code == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert f"selection.rule: {rule}" in refused.stderr

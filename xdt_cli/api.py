@@ -28,7 +28,7 @@ from xdt_cli.progress import Reporter
 from xdt_cli.regimes import build_experiment
 from xdt_cli.runs import RunDir, check_run_name, create_run_dir, default_runs_dir, make_meta
 from xdt_cli.runtime import Runtime, resolve_precision
-from xdt_cli.selection import select
+from xdt_cli.selection import LODO, leave_one_domain_out_choice, select
 
 
 def start_run(
@@ -208,6 +208,8 @@ def _fit(engine: Engine, reporter: Reporter, run: RunDir | None) -> dict[str, An
 LOO_PLAN = "leave_one_out.json"
 # rules recomputed for the parent's table besides the run's own (selection.py)
 TABLE_RULES = ("training_domain_val", "oracle", "last")
+# the rule the children of a leave_one_domain_out parent train under (their best.pt)
+LODO_CHILD_RULE = "training_domain_val"
 
 
 def start_leave_one_out(
@@ -224,19 +226,29 @@ def start_leave_one_out(
 ) -> dict[str, Any]:
     """`xdt generalize CONFIG --leave-one-out`: one child run per domain, holding it out.
 
-    Children are `<run>/<domain>/` (under `selection.rule: leave_one_domain_out`, one child
-    `<run>/<test>-<val>/` per test domain and validation domain). The parent's summary.json
-    holds `<domain>/test/acc` per held-out domain and `avg/test/acc` under the run's rule, and
-    `tables` recomputes the DomainBed-style table under the other rules; table.md has it in
-    markdown. Calling it again with the same `--name` skips finished children and resumes
-    interrupted ones.
+    Children are `<run>/<domain>/`, D of them. Under `selection.rule: leave_one_domain_out`
+    (DomainBed's leave-one-domain-out cross-validation, Gulrajani & Lopez-Paz 2021) there are
+    also the children `<run>/<t>-<v>/` holding out [t, v] for every ordered pair of domains,
+    D + D(D-1) runs in all; every child then trains under training_domain_val (its own
+    best.pt), and the parent chooses, for each test domain t, the step of child [t] at which
+    the mean over v of `v/test/acc` in child [t, v] is best (selection.py). The parent's
+    summary.json holds `<domain>/test/acc` per held-out domain (from child [t]) and
+    `avg/test/acc` under the run's rule, `best_steps` the steps chosen, and `tables` the
+    DomainBed-style table under the other rules (computed on the [t] children only, as
+    DomainBed does); table.md has it in markdown. Calling it again with the same `--name`
+    skips finished children and resumes interrupted ones.
     """
     reporter = reporter or Reporter()
     overrides = list(overrides)
     flags = {"seed": seed, "device": device}
     folds, rule = _leave_one_out_folds(Path(config), overrides)
+    child_overrides = [*overrides]
+    if rule == LODO:  # a single run cannot use it: the children select on the training domains
+        child_overrides.append(f"selection.rule={LODO_CHILD_RULE}")
     configs = [
-        load_config(config, [*overrides, _held_out(fold)], subcommand="generalize", flags=flags)
+        load_config(
+            config, [*child_overrides, _held_out(fold)], subcommand="generalize", flags=flags
+        )
         for fold in folds
     ]
     runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
@@ -255,7 +267,7 @@ def start_leave_one_out(
         child = "-".join(fold)
         reporter.message(f"leave-one-out {i + 1}/{len(folds)}: holding out {', '.join(fold)}")
         summaries[child] = _run_child(
-            config, [*overrides, _held_out(fold)], parent, child, flags, reporter, argv
+            config, [*child_overrides, _held_out(fold)], parent, child, flags, reporter, argv
         )
     summary = leave_one_out_summary(parent, folds, rule, summaries)
     summary["wall_time_s"] = round(time.perf_counter() - started, 3)
@@ -287,13 +299,18 @@ def _leave_one_out_folds(path: Path, overrides: list[str]) -> tuple[list[tuple[s
         raise ConfigError("data.domains: --leave-one-out needs two domains or more")
     selection = merged.get("selection") if isinstance(merged.get("selection"), dict) else {}
     rule = str(selection.get("rule") or "training_domain_val")
-    if rule == "leave_one_domain_out":
+    if rule == LODO:
         if len(domains) < 3:
             raise ConfigError(
                 "selection.rule: leave_one_domain_out needs three domains or more "
                 "(a test domain, a validation domain and one to train on)"
             )
-        return [(t, v) for t in domains for v in domains if v != t], rule
+        # per test domain t: [t], then [t, v] for every other v (D + D(D-1) children)
+        return [
+            fold
+            for t in domains
+            for fold in [(str(t),), *((str(t), str(v)) for v in domains if v != t)]
+        ], rule
     return [(str(t),) for t in domains], rule
 
 
@@ -355,54 +372,71 @@ def _run_child(
 def leave_one_out_summary(
     parent: Path, folds: list[tuple[str, ...]], rule: str, summaries: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    """The parent's summary: per held-out domain the test accuracy of the checkpoint each
-    rule picks (averaged over a domain's folds under leave_one_domain_out), and the mean."""
+    """The parent's summary: per test domain t the test accuracy `t/test/acc` of child [t] at
+    the step each rule picks (leave_one_domain_out: DomainBed's choice over the children
+    [t, v]; selection.leave_one_domain_out_choice), and their mean."""
     from xdt_cli.config import read_yaml
     from xdt_cli.runs import read_metrics
 
     domains = list(dict.fromkeys(fold[0] for fold in folds))
+    pairs = any(len(fold) == 2 for fold in folds)
     rules = [rule, *(r for r in TABLE_RULES if r != rule)]
+    rows_of: dict[str, list[dict[str, Any]] | None] = {}
+
+    def rows(child: str) -> list[dict[str, Any]] | None:
+        """The eval rows of a completed child (None: it did not complete)."""
+        if child not in rows_of:
+            done = summaries.get(child, {}).get("status") == "completed"
+            path = parent / child / "metrics.jsonl"
+            rows_of[child] = (
+                [x for x in read_metrics(path) if x["split"] == "eval"] if done else None
+            )
+        return rows_of[child]
+
+    def chosen(r: str, t: str) -> dict[str, Any] | None:
+        test_rows = rows(t)
+        if test_rows is None:
+            return None
+        if r == LODO:
+            val = {v: rows(f"{t}-{v}") for v in domains if v != t}
+            if not pairs or any(v is None for v in val.values()):
+                return None
+            return leave_one_domain_out_choice(t, test_rows, val)  # type: ignore[arg-type]
+        if r == rule:
+            best = summaries[t].get("best") or {}
+            return {"step": summaries[t].get("best_step"), **best}
+        return select(r, read_yaml(parent / t / "config.yaml"), test_rows)
+
     tables: dict[str, dict[str, float | None]] = {}
+    steps: dict[str, int | None] = {}
     for r in rules:
         per_domain: dict[str, float | None] = {}
         for t in domains:
-            values = []
-            for fold in (f for f in folds if f[0] == t):
-                child = parent / "-".join(fold)
-                summary = summaries["-".join(fold)]
-                if summary.get("status") != "completed":
-                    continue
-                if r == rule:
-                    row = summary.get("best") or {}
-                else:
-                    rows = [
-                        x for x in read_metrics(child / "metrics.jsonl") if x["split"] == "eval"
-                    ]
-                    row = select(r, read_yaml(child / "config.yaml"), rows) or {}
-                if f"{t}/test/acc" in row:
-                    values.append(float(row[f"{t}/test/acc"]))
-            count = len([f for f in folds if f[0] == t])
-            per_domain[t] = sum(values) / len(values) if len(values) == count else None
+            row = chosen(r, t) or {}
+            value = row.get(f"{t}/test/acc")
+            per_domain[t] = None if value is None else float(value)
+            if r == rule:
+                steps[t] = row.get("step")
         known = [v for v in per_domain.values() if v is not None]
         per_domain["avg"] = sum(known) / len(known) if len(known) == len(domains) else None
         tables[r] = per_domain
     own = tables[rule]
     best = {f"{t}/test/acc": own[t] for t in domains}
     best["avg/test/acc"] = own["avg"]
-    final = {}
-    for t in domains:
-        lasts = [summaries["-".join(f)].get("final", {}).get(f"{t}/test/acc") for f in folds]
-        lasts = [v for f, v in zip(folds, lasts, strict=True) if f[0] == t and v is not None]
-        final[f"{t}/test/acc"] = sum(lasts) / len(lasts) if lasts else None
+    final = {f"{t}/test/acc": summaries[t].get("final", {}).get(f"{t}/test/acc") for t in domains}
     complete = all(s.get("status") == "completed" for s in summaries.values())
-    first = next(iter(summaries.values()), {})
+    first = summaries.get(domains[0], {}) if domains else {}
+    selection = first.get("selection", {"rule": rule})
+    if rule == LODO:
+        selection = {"rule": LODO, "metric": f"{LODO}/val/acc", "mode": "max"}
     return {
         "status": "completed" if complete else "failed",
         "subcommand": "generalize",
         "leave_one_out": True,
         "domains": domains,
-        "selection": first.get("selection", {"rule": rule}),
+        "selection": selection,
         "best": best,
+        "best_steps": steps,
         "final": final,
         "tables": tables,
         "table": render_table(tables, domains, rule),
@@ -421,5 +455,8 @@ def render_table(tables: dict[str, dict[str, float | None]], domains: list[str],
         label = f"{r} (the run's rule)" if r == own else r
         cells = ["-" if values[k] is None else f"{100 * values[k]:.1f}" for k in [*domains, "avg"]]
         lines.append("| " + " | ".join([label, *cells]) + " |")
-    note = "test accuracy (%) of each held-out domain; oracle reads the held-out val split"
+    note = (
+        "test accuracy (%) of each held-out domain t (the run holding out [t] alone); oracle: "
+        "its last checkpoint (DomainBed)"
+    )
     return "\n".join([*lines, "", note, ""])

@@ -396,12 +396,15 @@ def generalize(
         ),
     ] = False,
 ) -> None:
-    """Learn from several domains so that held-out domains work too (domain generalisation).
+    """Learn from several domains to do well on all of them, or on held-out ones.
 
     Every step takes a batch from each training domain of `data.dataset` (`data.domains`
-    minus `data.test_domains`); held-out domains are only evaluated. `method.name` picks the
-    algorithm (erm, irm, vrex, groupdro, coral, mmd, mixup, mldg); `selection.rule` is
-    training_domain_val (default), leave_one_domain_out or oracle.
+    minus `data.test_domains`); held-out domains are only evaluated. With
+    data.test_domains=[] every domain trains, and the summary gives the mean and the worst
+    domain's test accuracy. `method.name` picks the algorithm (erm, irm, vrex, groupdro,
+    coral, mmd, mixup, mldg); `selection.rule` is training_domain_val (default), oracle
+    (DomainBed's: the last checkpoint) or leave_one_domain_out (DomainBed's; with
+    --leave-one-out only).
 
     Example: xdt generalize configs/generalize/rotated_mnist5k_erm.yaml data.test_domains=[rot75]
     """
@@ -512,19 +515,21 @@ def methods(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """List the learning rules (`method.name`), the subcommands each serves and its defaults.
+    """List the learning rules (`method.name`), the subcommands each serves and its defaults,
+    then the selection rules (`selection.rule`) and what each reads (the table only).
 
     Example: xdt methods --json
     """
 
     def body() -> int:
-        from xdt_cli.listing import method_rows, print_table
+        from xdt_cli.listing import method_rows, print_table, rule_rows
 
         rows = method_rows()
         if as_json:
             print(json.dumps(rows, indent=2))
         else:
             print_table("methods", rows)
+            print_table("selection rules", rule_rows())
         return 0
 
     _guard(debug, body)
@@ -615,7 +620,8 @@ def report(
         typer.Option(
             "--selection",
             help="summary (each run's own choice), source_val, target_val, last, "
-            "training_domain_val, leave_one_domain_out or oracle.",
+            "training_domain_val, oracle (DomainBed's: the last checkpoint), task_val or "
+            "leave_one_domain_out (DomainBed's, over runs holding out [t] and [t, v]).",
         ),
     ] = "summary",
     fmt: Annotated[

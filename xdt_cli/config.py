@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from xdt_cli.errors import ConfigError
+from xdt_cli.selection import DEFAULT_RULES, RULES, Layout
 
 SUBCOMMANDS = ("train-source", "finetune", "transfer", "multitask", "generalize")
 
@@ -478,9 +479,11 @@ class DataConfig(Strict):
     )
     sample_weights: str = Field(
         "none",
-        description="generalize: per-sample weights: none, class_balanced, "
-        "inverse_domain_size, or a .npy file indexed like the training samples (the training "
-        "domains' train splits in data.domains order); see docs of regimes.generalize",
+        description="generalize: per-sample weights s inside each domain's mean risk: none "
+        "(every domain's mean loss counts the same, DomainBed's ERM), pooled (every training "
+        "sample counts the same, whatever its domain's size), class_balanced (every class "
+        "counts the same in each domain), or a .npy file indexed like the training samples "
+        "(the training domains' train splits in data.domains order); see regimes.py",
     )
 
     @model_validator(mode="after")
@@ -498,7 +501,12 @@ class DataConfig(Strict):
                 raise ValueError(f"data.domain_weights.{name}: expected a weight >= 0, got {value}")
         if self.domain_weights and not any(v > 0 for v in self.domain_weights.values()):
             raise ValueError("data.domain_weights: at least one weight must be > 0")
-        named = ("none", "class_balanced", "inverse_domain_size")
+        if self.sample_weights == "inverse_domain_size":
+            raise ValueError(
+                "data.sample_weights: 'inverse_domain_size' was removed: 'none' (the default) "
+                "now gives every training domain the same share (DomainBed's ERM)"
+            )
+        named = ("none", "pooled", "class_balanced")
         if self.sample_weights not in named and not self.sample_weights.endswith(".npy"):
             raise ValueError(
                 f"data.sample_weights: expected {', '.join(named)} or a .npy file, "
@@ -751,15 +759,18 @@ class SelectionConfig(Strict):
         None,
         description="source_val: best on the source's val split (default of train-source and "
         "transfer); target_val: best on the target's labelled val split (default of finetune; "
-        "under transfer it uses target labels and is reported as such); last: the final step. "
-        "generalize: training_domain_val (default: the mean val acc of the training domains), "
-        "leave_one_domain_out (the mean val acc of the held-out domains after the first of "
-        "data.test_domains) or oracle (the held-out domains' val split, for reference only). "
-        "multitask: task_val (default: avg/val/acc, the mean val acc of the classification "
-        "tasks; avg/val/mse when every task is mse)",
+        "under transfer it reads target labels and summary.json says so); last: the final "
+        "step. generalize: training_domain_val (default: the training domains' val splits, "
+        "train_domains/val/acc), oracle (DomainBed's: the last checkpoint; needs held-out "
+        "domains) or leave_one_domain_out (DomainBed's; only with --leave-one-out). multitask: "
+        "task_val (default: avg/val/acc; avg/val/mse when every task is mse). See selection.py",
     )
-    metric: str | None = Field(None, description="default <domain>/val/acc of the rule's domain")
-    mode: Literal["max", "min"] | None = Field(None, description="default: min for */loss")
+    metric: str | None = Field(
+        None, description="default: the rule's first metric; only val splits the rule may read"
+    )
+    mode: Literal["max", "min"] | None = Field(
+        None, description="default: min for */loss, */mse, */mae, else max"
+    )
 
 
 class MethodSection(BaseModel):
@@ -806,24 +817,83 @@ class ExperimentConfig(Strict):
 
 
 # --------------------------------------------------------------------------- loading
+# What a full walk of a document may visit, aliases expanded: a config is a few hundred
+# nodes, while nine levels of nine aliases ("billion laughs") make 9^9 of them, which every
+# later walk (duplicate keys, validation, merging) would visit.
+MAX_YAML_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that counts each node's size with its aliases expanded while it
+    composes the document, and refuses a document past MAX_YAML_NODES or an alias that
+    refers to the node that holds it (a structure with no end)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        alias = self.check_event(yaml.AliasEvent)
+        node = super().compose_node(parent, index)
+        size = self._sizes.get(id(node))
+        if size is None:
+            if alias:  # the anchored node is still being composed: it contains itself
+                raise yaml.composer.ComposerError(
+                    None, None, "an alias refers to the node that holds it", node.start_mark
+                )
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = node.value
+            else:
+                children = []
+            size = 1 + sum(self._sizes[id(n)] for n in children)
+            self._sizes[id(node)] = size
+        if size > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"aliases expand the document past {MAX_YAML_NODES:,} nodes",
+                node.start_mark,
+            )
+        return node
+
+
+def _load_yaml(text: str) -> tuple[Any, str | None]:
+    """(`yaml.safe_load(text)`, the first duplicated key or None), in one bounded pass."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        return loader.construct_document(node), _duplicate_key(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    """Read one YAML mapping with `yaml.safe_load`; any problem names the file."""
+    """Read one YAML mapping (config, base, sweep or benchmark suite file) with the safe
+    loader; any problem is one line that names the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start})"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data, duplicate = _load_yaml(text)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    duplicate = _duplicate_key(text)
+        raise ConfigError(f"{path}: invalid YAML{where}: {' '.join(problem.split())}") from None
     if duplicate:
         raise ConfigError(f"{path}: {duplicate}")
     if data is None:
@@ -835,14 +905,16 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _duplicate_key(text: str) -> str | None:
+def _duplicate_key(root: yaml.Node) -> str | None:
     """PyYAML keeps the last of two equal keys; a config that repeats one is a mistake.
 
-    `yaml.compose` with the SafeLoader only builds the node tree (nothing is constructed).
-    """
-    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    Walks the composed node tree, each node once (an alias shares its anchor's node)."""
+    stack, seen_nodes = [root], set()
     while stack:
         node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen = set()
             for key, value in node.value:
@@ -894,7 +966,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not all(p.strip() for p in parts):
         raise ConfigError(f"override '{text}': expected key.path=value, e.g. train.steps=500")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw)[0] if raw.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"override '{text}': the value is not valid YAML") from None
     return [p.strip() for p in parts], value
@@ -986,15 +1058,6 @@ def validate_config(
 
 
 DEFAULT_METHODS = {"multitask": "static"}  # method.name when not given (else erm)
-DEFAULT_RULES = {
-    "train-source": "source_val",
-    "finetune": "target_val",
-    "transfer": "source_val",
-    "generalize": "training_domain_val",
-    "multitask": "task_val",
-}
-MULTITASK_RULES = ("task_val", "last")
-GENERALIZE_RULES = ("training_domain_val", "leave_one_domain_out", "oracle", "last")
 GENERALIZE_KEYS = (
     "dataset",
     "domains",
@@ -1006,9 +1069,14 @@ GENERALIZE_KEYS = (
 
 
 def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
-    """Settings that the schema accepts but this subcommand cannot run."""
+    """Settings that the schema accepts but this subcommand cannot run (the selection rule's
+    only once the data is right: a missing data.source is one problem, not two)."""
     if subcommand not in SUBCOMMANDS:
         return [f"unknown subcommand '{subcommand}'"]
+    return _data_problems(cfg, subcommand) or _selection_problems(cfg, subcommand)
+
+
+def _data_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
     problems = _model_problems(cfg, subcommand)
     if subcommand == "generalize":
         return problems + _generalize_problems(cfg)
@@ -1017,14 +1085,10 @@ def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
     data = cfg.data
     if data.tasks:
         problems.append(f"data.tasks: only used by multitask (not {subcommand})")
-    if cfg.selection.rule in MULTITASK_RULES[:1]:
-        problems.append(f"selection.rule: {cfg.selection.rule} is a rule of multitask")
     default = DataConfig()
     for key in GENERALIZE_KEYS:
         if getattr(data, key) != getattr(default, key):
             problems.append(f"data.{key}: only used by generalize (not {subcommand})")
-    if cfg.selection.rule in GENERALIZE_RULES[:3]:
-        problems.append(f"selection.rule: {cfg.selection.rule} is a rule of generalize")
     if subcommand in ("train-source", "transfer") and data.source is None:
         problems.append(f"data.source: required by {subcommand} (e.g. {{dataset: mnist5k}})")
     if subcommand in ("finetune", "transfer") and data.target is None:
@@ -1041,12 +1105,30 @@ def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
         )
     if subcommand == "train-source" and data.target is not None and data.target.labels_per_class:
         problems.append("data.target.labels_per_class: train-source only evaluates data.target")
-    rule = cfg.selection.rule
-    if rule == "target_val" and data.target is None and subcommand == "train-source":
-        problems.append("selection.rule: target_val needs data.target")
-    if rule == "source_val" and data.source is None and subcommand == "finetune":
+    return problems
+
+
+def _selection_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
+    """What selection.py's rule says it cannot do for this subcommand and data (the rule's
+    metric is checked against the run's own names when the experiment is built)."""
+    rule = RULES[str(cfg.selection.rule)]
+    data = cfg.data
+
+    def name(section: DomainConfig | None) -> str | None:
+        return None if section is None else section.domain or section.dataset
+
+    layout = Layout(
+        subcommand,
+        source=name(data.source),
+        target=name(data.target),
+        held_out=tuple(data.test_domains),
+        tasks=tuple((t, task.loss or "ce") for t, task in data.tasks.items()),
+    )
+    problems = rule.problems(layout)
+    if not problems and rule.pick == "last" and cfg.train.early_stopping is not None:
         problems.append(
-            "selection.rule: source_val needs data.source (finetune selects on target_val)"
+            f"train.early_stopping: selection.rule {rule.name} takes the last checkpoint; "
+            "nothing can stop early"
         )
     return problems
 
@@ -1090,11 +1172,6 @@ def _multitask_problems(cfg: ExperimentConfig) -> list[str]:
                     f"data.tasks.{name}.weight: only the static weighting reads task weights "
                     f"(method.name is {cfg.method.name})"
                 )
-    if cfg.selection.rule not in MULTITASK_RULES:
-        problems.append(
-            f"selection.rule: {cfg.selection.rule} is not a rule of multitask "
-            f"(one of {', '.join(MULTITASK_RULES)})"
-        )
     return problems
 
 
@@ -1110,11 +1187,6 @@ def _generalize_problems(cfg: ExperimentConfig) -> list[str]:
             )
     if data.tasks:
         problems.append("data.tasks: only used by multitask (not generalize)")
-    if cfg.selection.rule not in GENERALIZE_RULES:
-        problems.append(
-            f"selection.rule: {cfg.selection.rule} is not a rule of generalize "
-            f"(one of {', '.join(GENERALIZE_RULES)})"
-        )
     if data.dataset is None:
         problems.append("data.dataset: required by generalize (e.g. rotated_mnist5k)")
         return problems
@@ -1137,11 +1209,6 @@ def _generalize_problems(cfg: ExperimentConfig) -> list[str]:
     if problems:
         return problems
     used = data.domains if data.domains is not None else known
-    if not data.test_domains:
-        problems.append(
-            f"data.test_domains: hold out at least one domain (e.g. [{used[-1]}]), "
-            "or run with --leave-one-out"
-        )
     outside = [d for d in data.test_domains if d not in used]
     if data.domains is not None and outside:
         problems.append(f"data.test_domains: {', '.join(outside)} not in data.domains")
@@ -1156,11 +1223,6 @@ def _generalize_problems(cfg: ExperimentConfig) -> list[str]:
         )
     elif training and not any(data.domain_weights.get(d, 1.0) > 0 for d in training):
         problems.append("data.domain_weights: every training domain has weight 0")
-    if cfg.selection.rule == "leave_one_domain_out" and len(data.test_domains) < 2:
-        problems.append(
-            "selection.rule: leave_one_domain_out needs data.test_domains = [test domain, "
-            "validation domain(s)] (or --leave-one-out, which builds them)"
-        )
     return problems
 
 

@@ -17,7 +17,9 @@ average is what evaluation scores and what best.pt holds; last.pt holds both the
 weights and the average, so a resumed run continues exactly.
 
 `Experiment.averages` names groups of domains (e.g. a generalize run's training domains);
-every eval row also holds their means, `<group>/<split>/<metric>`, which selection can use.
+every eval row also holds their means, `<group>/<split>/<metric>`, which selection can use;
+`Experiment.worst` names groups whose worst member is recorded the same way (the lowest acc,
+the highest loss: e.g. `worst_domain/test/acc`).
 
 Every `log_every` steps a train row goes to metrics.jsonl; every `eval_every` steps (and at
 the end) an eval row, best.pt when the selection metric improves, and last.pt with the full
@@ -34,6 +36,7 @@ at every log step and before any checkpoint is written, so a NaN never reaches l
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import time
@@ -63,20 +66,25 @@ from xdt_cli.methods.base import Method, OptimizerStep
 from xdt_cli.progress import Reporter
 from xdt_cli.runs import RunDir
 from xdt_cli.runtime import Runtime, autocast_for, resolve_precision, stop_signals
-from xdt_cli.selection import is_better
+from xdt_cli.selection import is_better, mode_of
 
 
 @dataclass(frozen=True)
 class Selection:
+    """A selection rule resolved for one run (selection.py defines the rules)."""
+
     rule: str
     metric: str | None  # None for rule "last"
     mode: str  # "max" or "min"
+    pick: str = "best"  # "last": every evaluation replaces best.pt (DomainBed's oracle)
+    note: str | None = None  # what the rule read, for summary.json (e.g. target labels)
 
     def better(self, value: float, best: float | None) -> bool:
-        return self.metric is None or is_better(value, best, self.mode)
+        return self.metric is None or self.pick == "last" or is_better(value, best, self.mode)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "metric": self.metric, "mode": self.mode}
+        out = {"rule": self.rule, "metric": self.metric, "mode": self.mode}
+        return {**out, "note": self.note} if self.note else out
 
 
 @dataclass
@@ -97,6 +105,9 @@ class Experiment:
     notes: list[str] = field(default_factory=list)  # shown to the user before training
     # group name -> domains whose metrics are averaged into `<group>/<split>/<metric>`
     averages: dict[str, list[str]] = field(default_factory=dict)
+    # group name -> domains whose worst value is `<group>/<split>/<metric>` (lowest acc,
+    # highest loss): a generalize run's worst training domain, `worst_domain`
+    worst: dict[str, list[str]] = field(default_factory=dict)
     # extra JSON files of the run folder, e.g. {"weights.json": {...}}, written at its start
     run_files: dict[str, Any] = field(default_factory=dict)
     # scores the method instead of `evaluation.evaluate` over `eval_sets` (multitask: per
@@ -108,17 +119,29 @@ class Experiment:
     finish_summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
-def add_averages(metrics: dict[str, float], averages: dict[str, list[str]]) -> dict[str, float]:
-    """`metrics` plus `<group>/<split>/<metric>`: the mean over the group's domains, for every
-    `<split>/<metric>` that all of them have."""
+def add_averages(
+    metrics: dict[str, float],
+    averages: dict[str, list[str]],
+    worst: dict[str, list[str]] | None = None,
+) -> dict[str, float]:
+    """`metrics` plus `<group>/<split>/<metric>`: the mean over the group's domains (groups of
+    `averages`) or the worst of them (groups of `worst`: the lowest acc, the highest loss, as
+    selection.mode_of says), for every `<split>/<metric>` that all of them have."""
     out = dict(metrics)
-    for group, domains in averages.items():
+    groups = [(g, d, False) for g, d in averages.items()]
+    groups += [(g, d, True) for g, d in (worst or {}).items()]
+    for group, domains, pick_worst in groups:
         if not domains:
             continue
         suffixes = [k.split("/", 1)[1] for k in metrics if k.split("/", 1)[0] == domains[0]]
         for suffix in suffixes:
             values = [metrics.get(f"{d}/{suffix}") for d in domains]
-            if all(v is not None for v in values):
+            if any(v is None for v in values):
+                continue
+            if pick_worst:
+                worse = max if mode_of(suffix) == "min" else min
+                out[f"{group}/{suffix}"] = worse(values)  # type: ignore[type-var]
+            else:
                 out[f"{group}/{suffix}"] = sum(values) / len(values)  # type: ignore[arg-type]
     return out
 
@@ -175,6 +198,15 @@ def _cos_between(start: float, end: float, t: float) -> float:
 
 
 # --------------------------------------------------------------------------- the engine
+def _snapshot(state: dict[str, Any]) -> dict[str, Any]:
+    """A detached copy of a state dict: tensors cloned, a method's extra state (any object
+    returned by `get_extra_state`) deep-copied."""
+    return {
+        k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+        for k, v in state.items()
+    }
+
+
 class Engine:
     def __init__(
         self,
@@ -211,9 +243,9 @@ class Engine:
             self.optimizer, self.scaler, self.autocast, self.params, cfg.train.grad_clip
         )
         # train.ema: the running average of the method's floating-point state
-        self.ema: dict[str, Tensor] | None = None
+        self.ema: dict[str, Any] | None = None
         if cfg.train.ema is not None:
-            self.ema = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
+            self.ema = _snapshot(self.method.state_dict())
 
         self._model_params = dict(self.method.model.named_parameters())
         self.step = 0
@@ -259,7 +291,10 @@ class Engine:
                 if saved.keys() != self.ema.keys():
                     raise CheckpointError(f"{source}: its weight average has other entries")
                 for key, value in saved.items():
-                    self.ema[key].copy_(value)
+                    if isinstance(self.ema[key], Tensor):
+                        self.ema[key].copy_(value)
+                    else:  # a method's extra state (e.g. L2-SP's head origin)
+                        self.ema[key] = copy.deepcopy(value)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
@@ -345,18 +380,21 @@ class Engine:
     def _update_ema(self) -> None:
         """avg <- d avg + (1 - d) theta after the optimizer step of step k (0-based), with
         d = min(train.ema, (1 + k) / (10 + k)); a function of the step alone, so resuming
-        needs only the average itself. Integer entries (batch counts) are copied."""
+        needs only the average itself. Integer entries (batch counts) and a method's
+        non-tensor extra state (L2-SP's head origin, DELTA's attention) are copied."""
         if self.ema is None:
             return
         assert self.cfg.train.ema is not None
         decay = min(self.cfg.train.ema, (1 + self.step) / (10 + self.step))
         current = self.method.state_dict()
         for key, avg in self.ema.items():
-            value = current[key].detach()
-            if avg.is_floating_point():
-                avg.lerp_(value.to(avg.dtype), 1.0 - decay)
+            value = current[key]
+            if not isinstance(avg, Tensor):
+                self.ema[key] = copy.deepcopy(value)
+            elif avg.is_floating_point():
+                avg.lerp_(value.detach().to(avg.dtype), 1.0 - decay)
             else:
-                avg.copy_(value)
+                avg.copy_(value.detach())
 
     @contextlib.contextmanager
     def _evaluated_weights(self) -> Iterator[None]:
@@ -365,7 +403,7 @@ class Engine:
         if self.ema is None:
             yield
             return
-        live = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
+        live = _snapshot(self.method.state_dict())
         self.method.load_state_dict(self.ema)
         try:
             yield
@@ -414,7 +452,7 @@ class Engine:
                 device=self.device,
                 autocast=self.autocast,
             )
-            metrics = add_averages(metrics, self.exp.averages)
+            metrics = add_averages(metrics, self.exp.averages, self.exp.worst)
             self.last_eval = metrics
             sel = self.exp.selection
             value = metrics[sel.metric] if sel.metric else None

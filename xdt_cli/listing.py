@@ -1,4 +1,5 @@
-"""`xdt datasets` and `xdt methods`: what is registered, as rows for a table or JSON.
+"""`xdt datasets` and `xdt methods`: what is registered, as rows for a table or JSON
+(`xdt methods` also shows the selection rules, selection.py's one definition of each).
 
 Both load the plug-ins first, and every row says its origin: the distribution that
 registered it, `xdt` for built-ins. Split sizes are shown for the embedded sets only; the
@@ -48,6 +49,22 @@ def method_rows() -> list[dict[str, Any]]:
             "origin": origin("methods", cls.name),
         }
         for cls in METHODS.values()
+    ]
+
+
+def rule_rows() -> list[dict[str, Any]]:
+    """The selection rules (`selection.rule`, `xdt report --selection`), from selection.py."""
+    from xdt_cli.selection import DEFAULT_RULES, RULES
+
+    return [
+        {
+            "rule": rule.name,
+            "subcommands": list(rule.subcommands),
+            "default of": [s for s, r in DEFAULT_RULES.items() if r == rule.name],
+            "chooses": "the last checkpoint" if rule.pick == "last" else "the best checkpoint",
+            "reads": rule.doc,
+        }
+        for rule in RULES.values()
     ]
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from xdt_cli.errors import XdtError
 from xdt_cli.report import RunRecord, collect_runs, differing_keys, resolve_metrics
-from xdt_cli.selection import source_domain
+from xdt_cli.selection import Layout
 
 LABEL_IGNORED = frozenset({"name", "device"})
 
@@ -51,10 +51,9 @@ def plot_metrics(records: Sequence[RunRecord], patterns: Sequence[str] | None) -
         return resolve_metrics(patterns, rows)
     wanted = ["train/loss"]
     for r in records:
-        try:
-            wanted.append(f"{source_domain(r.config)}/val/acc")
-        except XdtError:
-            continue
+        source = Layout.from_config(r.config).source
+        if source is not None:
+            wanted.append(f"{source}/val/acc")
     have = {k for row in rows for k in row}
     names = [m for m in dict.fromkeys(wanted) if m in have]
     if not names:

@@ -15,22 +15,29 @@ method (the loss) comes from `method.name`; the loop is the engine's.
   minus `data.test_domains`), so every step holds a batch of each; the held-out domains are
   loaded with `held_out=True` (20% val, 80% test, no train split) and only evaluated: no
   stream is ever built from them, so they cannot reach the optimizer. Eval rows also hold the
-  means `train_domains/...` (training domains), `test_domains/...` (held-out domains) and,
-  with two or more held-out domains, `val_domains/...` (all but the first), which the rules
-  training_domain_val, oracle and leave_one_domain_out choose on.
+  means `train_domains/...` (training domains) and `test_domains/...` (held-out domains) and
+  the worst training domain, `worst_domain/...`. With no held-out domain (`test_domains: []`)
+  every domain trains and is evaluated: the aim is then to do well on all of them (the mean
+  and the worst). The rules are selection.py's.
 
-Loss weights of generalize (the brief's L(theta) = sum_d sum_i lambda_{d,i} L_{d,i}, with
-L_{d,i} the loss of sample i of training domain d divided by N, the number of training
-samples): lambda_{d,i} = `data.domain_weights[d]` (default 1) times the per-sample weight of
-`data.sample_weights`: `none` (1), `class_balanced` (N / (C n_y), n_y the pooled count of
-the sample's class: every class weighs the same in total), `inverse_domain_size`
-(N / (D n_d): every domain weighs the same, DomainBed's ERM), or the values of a .npy file
-(one per training sample, the training domains' train splits concatenated in order). Every
-step draws b samples of each of the D domains, so a sample of domain d is drawn with
-probability b / n_d; the batch carries `weight = lambda_{d,i} * D n_d / N`, and the mean of
-`weight * loss` over the step's D*b samples is an unbiased estimate of L(theta). Methods
-compute weighted per-domain risks (methods/_shared_dg.py). The weights in force are written
-to `<run>/weights.json`.
+Loss of generalize. Every step draws an equal batch of b samples from each of the D
+training domains, and the objective is L(theta) = (1/D) sum_d lambda_d R_d with
+R_d = mean over domain d's batch of s_{d,i} * loss_{d,i}. By default (lambda_d = 1, s = 1)
+that is DomainBed's ERM (Gulrajani & Lopez-Paz 2021): the mean over training domains of each
+domain's mean loss, whatever the domains' sizes, and the risks R_d that IRM, V-REx, GroupDRO,
+... act on are plain per-domain means. `data.domain_weights[d]` sets lambda_d (default 1);
+`data.sample_weights` sets s: `none` (1), `pooled` (D n_d / N, n_d the domain's training
+samples and N their total: every training sample weighs the same whatever its domain's size,
+as in one pooled data set), `class_balanced` (n_d / (C_d n_{d,y}), n_{d,y} the domain's count
+of the sample's class and C_d its classes present: every class weighs the same in each
+domain's risk, which keeps its mean 1), or the values of a .npy file (one per training
+sample, the training domains' train splits concatenated in order). A sample of domain d is
+drawn with probability b / n_d, so R_d estimates (1/n_d) sum_i s_{d,i} loss_{d,i} without
+bias. The batch carries `weight = lambda_d * s_{d,i}`, indexed like the split so it travels
+with its sample through in-memory and file streams alike, and None where that is 1 (then
+methods/_shared_dg.py takes plain means); GroupDRO, V-REx and IRM therefore see lambda_d R_d.
+The weights in force and each domain's share of the objective (lambda_d mean_i s_{d,i},
+normalised) are written to `<run>/weights.json`.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from xdt_cli.initialization import initialize
 from xdt_cli.methods import METHODS
 from xdt_cli.models import Classifier, MultiTaskModel, create_model
 from xdt_cli.runtime import Runtime, seed_everything
-from xdt_cli.selection import GENERALIZE_METRICS  # the metric each generalize rule reads
+from xdt_cli.selection import RULES, Layout
 
 
 def build_experiment(
@@ -82,21 +89,25 @@ def build_experiment(
     method, plan = _make_method(model, cfg, notes, init=None if resuming else initialize)
     method.to(runtime.device)
 
-    def stream(domain: Domain, labelled: bool):
-        return _train_stream(domain, cfg, runtime, labelled=labelled)
+    def stream(domain: Domain, labelled: bool, ratio: int = 1):
+        return _train_stream(domain, cfg, runtime, labelled=labelled, batch_ratio=ratio)
 
     if subcommand == "train-source":
         streams = [stream(domains.source, True)]
     elif subcommand == "finetune":
         streams = [stream(domains.target, True)]
     else:  # transfer: the target's labels are dropped here, before any method sees a batch
-        streams = [stream(domains.source, True), stream(domains.target, False)]
+        # the method may ask for more unlabelled images per step (FixMatch's mu)
+        ratio = method.unlabelled_batch_ratio
+        streams = [stream(domains.source, True), stream(domains.target, False, ratio)]
 
     eval_domains = [d for d in (domains.source, domains.target) if d is not None]
     eval_sets = {d.name: {"val": d.splits["val"], "test": d.splits["test"]} for d in eval_domains}
-    rule_domain = {"source_val": domains.source, "target_val": domains.target}
-    chosen = rule_domain.get(cfg.selection.rule)
-    default_metric = f"{(chosen or trained).name}/val/acc"
+    layout = Layout(
+        subcommand=subcommand,
+        source=domains.source.name if domains.source is not None else None,
+        target=domains.target.name if domains.target is not None else None,
+    )
     return _experiment(
         cfg,
         method,
@@ -105,7 +116,7 @@ def build_experiment(
         subcommand=subcommand,
         streams=streams,
         eval_sets=eval_sets,
-        selection=make_selection(cfg, default_metric=default_metric, eval_sets=eval_sets),
+        selection=make_selection(cfg, layout),
     )
 
 
@@ -143,11 +154,13 @@ def _train_stream(
     *,
     labelled: bool = True,
     weight: Tensor | None = None,
+    batch_ratio: int = 1,
 ):
-    """The training stream of a domain's train split, batched and seeded by the config."""
+    """The training stream of a domain's train split, batched and seeded by the config
+    (`batch_ratio` times train.batch_size images a step)."""
     return make_stream(
         domain.splits["train"],
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.batch_size * batch_ratio,
         seed=cfg.seed,
         domain=domain.name,
         device=runtime.device,
@@ -214,42 +227,12 @@ def _check_compatible(a: Domain, b: Domain, subcommand: str) -> None:
     check_compatible(a, b)
 
 
-def make_selection(
-    cfg: ExperimentConfig,
-    *,
-    default_metric: str,
-    eval_sets,
-    averages: dict[str, list[str]] | None = None,
-) -> Selection:
-    """Resolve `selection` against the metrics this run's evaluations produce (the domains'
-    own and the means of the `averages` groups)."""
-    rule = cfg.selection.rule
-    assert rule is not None  # validate_config resolves the subcommand's default
-    if rule == "last":
-        return Selection(rule="last", metric=None, mode="max")
-    metric = cfg.selection.metric or default_metric
-    splits_of = dict(eval_sets)
-    for group, domains in (averages or {}).items():
-        if domains:
-            splits_of[group] = eval_sets[domains[0]]
-    known = [
-        f"{domain}/{split}/{metric}"
-        for domain, splits in splits_of.items()
-        for split in splits
-        for metric in ("acc", "loss")
-    ]
-    if metric not in known:
-        raise ConfigError(
-            f"selection.metric: '{metric}' is not measured by this run; "
-            f"choose one of {', '.join(k for k in known if '/test/' not in k)}"
-        )
-    if "/test/" in metric:
-        raise ConfigError(
-            f"selection.metric: '{metric}' is a test split; choosing a checkpoint on test data "
-            "inflates the result; use a val split"
-        )
-    mode = cfg.selection.mode or ("min" if metric.endswith("loss") else "max")
-    return Selection(rule=rule, metric=metric, mode=mode)
+def make_selection(cfg: ExperimentConfig, layout: Layout) -> Selection:
+    """The engine's Selection: `selection.rule` as selection.py defines it, resolved against
+    the names this run evaluates (a metric the rule may not read is a ConfigError)."""
+    rule = RULES[str(cfg.selection.rule)]  # validate_config resolves the subcommand's default
+    metric, mode = rule.criterion(layout, cfg.selection.metric, cfg.selection.mode)
+    return Selection(rule.name, metric, mode, pick=rule.pick, note=rule.note(layout))
 
 
 # --------------------------------------------------------------------------- generalize
@@ -291,16 +274,10 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
     eval_sets = {d.name: {"val": d.splits["val"], "test": d.splits["test"]} for d in training}
     eval_sets.update({d.name: {"val": d.splits["val"], "test": d.splits["test"]} for d in held})
     averages = {"train_domains": names, "test_domains": held_names}
-    if len(held_names) > 1:
-        averages["val_domains"] = held_names[1:]
-    rule = cfg.selection.rule
-    default_metric = GENERALIZE_METRICS.get(str(rule), "train_domains/val/acc")
-    selection = make_selection(
-        cfg, default_metric=default_metric, eval_sets=eval_sets, averages=averages
-    )
-    _check_generalize_selection(selection, held_names)
+    layout = Layout("generalize", training=tuple(names), held_out=tuple(held_names))
+    selection = make_selection(cfg, layout)
     notes.append(
-        f"training domains: {', '.join(names)}; held out: {', '.join(held_names)}; "
+        f"training domains: {', '.join(names)}; held out: {', '.join(held_names) or 'none'}; "
         f"selection: {selection.rule}" + (f" on {selection.metric}" if selection.metric else "")
     )
     return _experiment(
@@ -313,31 +290,17 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
         eval_sets=eval_sets,
         selection=selection,
         averages=averages,
+        worst={"worst_domain": names},
         run_files={"weights.json": record},
     )
-
-
-def _check_generalize_selection(selection: Selection, held: list[str]) -> None:
-    """training_domain_val never reads a held-out domain; leave_one_domain_out never reads
-    the test domain (the first held-out one). The oracle reads held-out val splits."""
-    if selection.metric is None or selection.rule == "oracle":
-        return
-    source = selection.metric.split("/", 1)[0]
-    forbidden = {"test_domains", *held} if selection.rule == "training_domain_val" else set()
-    if selection.rule == "leave_one_domain_out":
-        forbidden = {"test_domains", "train_domains", held[0]}
-    if source in forbidden:
-        raise ConfigError(
-            f"selection.metric: '{selection.metric}' is not something {selection.rule} may "
-            "choose on (a held-out domain is chosen on only by the oracle rule)"
-        )
 
 
 def loss_weights(
     cfg: ExperimentConfig, training: list[Domain]
 ) -> tuple[list[Tensor | None], dict[str, Any]]:
-    """The per-sample batch weights of each training domain (None where all are 1) and the
-    record of weights.json. See the module docstring for the formula."""
+    """The per-sample batch weights lambda_d * s_{d,i} of each training domain, indexed like
+    its train split (None where all are 1, so that methods take plain means), and the record
+    of weights.json. See the module docstring for the objective."""
     data = cfg.data
     ys = [d.splits["train"].y for d in training]
     sizes = [len(y) for y in ys]
@@ -345,45 +308,50 @@ def loss_weights(
     kind = data.sample_weights
     if kind == "none":
         per_sample = [torch.ones(n, dtype=torch.float64) for n in sizes]
-    elif kind == "inverse_domain_size":
-        per_sample = [torch.full((n,), total / (count * n), dtype=torch.float64) for n in sizes]
+    elif kind == "pooled":
+        per_sample = [torch.full((n,), count * n / total, dtype=torch.float64) for n in sizes]
     elif kind == "class_balanced":
-        pooled = torch.cat(ys)
-        counts = torch.bincount(pooled).double()
-        present = int((counts > 0).sum())
-        per_sample = [total / (present * counts[y]) for y in ys]
+        per_sample = [_class_balanced(y) for y in ys]
     else:
         per_sample = _weights_file(kind, sizes, [d.name for d in training])
 
-    weights: list[Tensor | None] = []
-    domains: dict[str, Any] = {}
-    grand = sum(
-        float(w.sum()) * data.domain_weights.get(d.name, 1.0)
-        for d, w in zip(training, per_sample, strict=True)
-    )
+    lambdas = [data.domain_weights.get(d.name, 1.0) for d in training]
+    # a domain's share of the objective: lambda_d times the mean of its s (R_d's expectation
+    # weighs each of its n_d samples by s_{d,i} / n_d)
+    mass = [lam * float(w.mean()) for lam, w in zip(lambdas, per_sample, strict=True)]
+    grand = sum(mass)
     if grand <= 0:
         raise ConfigError("data.sample_weights: every training sample has weight 0")
-    for d, w, n in zip(training, per_sample, sizes, strict=True):
-        lam = data.domain_weights.get(d.name, 1.0)
-        batch = (lam * w * (count * n / total)).float()
+    weights: list[Tensor | None] = []
+    domains: dict[str, Any] = {}
+    for d, w, n, lam, m in zip(training, per_sample, sizes, lambdas, mass, strict=True):
+        batch = (lam * w).float()
         weights.append(None if bool((batch == 1).all()) else batch)
         domains[d.name] = {
             "train_samples": n,
             "lambda_d": lam,
             "sample_weight": _stats(w),
             "batch_weight": _stats(batch),
-            "share_of_loss": round(lam * float(w.sum()) / grand, 6),
+            "share_of_loss": round(m / grand, 6),
         }
     record = {
-        "formula": "L = sum_d sum_i lambda_{d,i} L_{d,i}; L_{d,i} = loss_{d,i} / N; "
-        "lambda_{d,i} = domain_weights[d] * sample_weight_{d,i}; a step's batch carries "
-        "lambda_{d,i} * D * n_d / N and averages weight * loss over its D*b samples",
+        "formula": "L = (1/D) sum_d lambda_d R_d; R_d = mean over domain d's batch of "
+        "s_{d,i} * loss_{d,i} (equal batches per domain); a batch carries weight = "
+        "lambda_d * s_{d,i}, or none where that is 1 (plain means: DomainBed's ERM)",
         "sample_weights": kind,
-        "domain_weights": {d.name: data.domain_weights.get(d.name, 1.0) for d in training},
+        "domain_weights": dict(zip([d.name for d in training], lambdas, strict=True)),
         "N": total,
         "domains": domains,
     }
     return weights, record
+
+
+def _class_balanced(y: Tensor) -> Tensor:
+    """s_i = n / (C n_{y_i}) within one domain (C its classes present): each class weighs the
+    same in the domain's risk, and the weights' mean is 1, so the domain's share is kept."""
+    counts = torch.bincount(y).double()
+    present = int((counts > 0).sum())
+    return len(y) / (present * counts[y])
 
 
 def _stats(w: Tensor) -> dict[str, float]:
@@ -455,7 +423,7 @@ def _build_multitask(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool)
     kinds = {t.name: t.loss for t in specs}
     classifying = [t.name for t in specs if t.loss != "mse"]
     averages = {"avg": classifying or [t.name for t in specs]}
-    selection = _multitask_selection(cfg, kinds, averages["avg"])
+    selection = make_selection(cfg, Layout("multitask", tasks=tuple(kinds.items())))
     layout = "; ".join(f"{g.name}: {', '.join(g.tasks)}" for g in groups)
     notes.append(
         f"tasks by inputs: {layout}; model {model.arch} ({cfg.model.backbone}); "
@@ -488,25 +456,6 @@ def _initialize_encoders(model: MultiTaskModel, cfg: ExperimentConfig) -> str | 
         return None
     into = "the encoder" if model.arch == "hps" else f"each of the {len(encoders)} experts"
     return f"{message.split('; ')[0]} into {into}; every task gets a new head"
-
-
-def _multitask_selection(cfg: ExperimentConfig, kinds: dict[str, str], avg: list[str]) -> Selection:
-    if cfg.selection.rule == "last":
-        return Selection(rule="last", metric=None, mode="max")
-    names = {"ce": ("acc", "loss"), "bce": ("acc", "loss"), "mse": ("mse", "mae")}
-    known = [f"{t}/val/{m}" for t, kind in kinds.items() for m in names[kind]]
-    known += [f"avg/val/{m}" for m in names[kinds[avg[0]]]]
-    default = "avg/val/" + names[kinds[avg[0]]][0]
-    metric = cfg.selection.metric or default
-    if metric not in known:
-        test = "/test/" in metric
-        reason = "is a test split; choose on a val split" if test else "is not measured"
-        raise ConfigError(
-            f"selection.metric: '{metric}' {reason}; choose one of {', '.join(known)}"
-        )
-    lower = metric.endswith(("/loss", "/mse", "/mae"))
-    mode = cfg.selection.mode or ("min" if lower else "max")
-    return Selection(rule=str(cfg.selection.rule), metric=metric, mode=mode)
 
 
 def _tasks_record(groups, specs) -> dict[str, Any]:

@@ -41,7 +41,15 @@ from typing import Any
 
 from xdt_cli.errors import XdtError
 from xdt_cli.runs import read_metrics
-from xdt_cli.selection import get_rule, val_criterion
+from xdt_cli.selection import (
+    LODO,
+    SUMMARY,
+    Layout,
+    describe,
+    get_rule,
+    leave_one_domain_out_choice,
+    select,
+)
 
 FORMATS = ("table", "markdown", "csv", "latex", "json")
 IGNORED_KEYS = frozenset({"seed", "name", "device"})  # what never separates two groups
@@ -91,13 +99,43 @@ class RunRecord:
         return {"subcommand": self.subcommand, **flatten(self.config)}
 
     def choose(self, selection: str) -> dict[str, Any] | None:
-        """The eval row that the rule `selection` picks for this run."""
-        rule = get_rule(selection)
-        rows = [] if selection == "summary" else self.eval_rows()
+        """The eval row that the rule `selection` picks for this run (selection.py)."""
+        rows = [] if selection == SUMMARY else self.eval_rows()
         try:
-            return rule(self.config, rows, summary=self.summary)
+            return select(selection, self.config, rows, self.summary, self.subcommand)
         except XdtError as exc:
             raise XdtError(*(f"{self.path}: {line}" for line in exc.lines)) from None
+
+
+def leave_one_domain_out_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any] | None]:
+    """DomainBed's leave-one-domain-out choice for each run (selection.py): a run holding out
+    [t] gets its row at the step chosen on the runs that hold out [t, v] for every other
+    domain v and differ from it in nothing else (seed included); runs holding out two
+    domains, and runs whose [t, v] runs are not all found, get None (left out)."""
+
+    def ident(r: RunRecord) -> tuple[str, ...]:
+        flat = r.flat_config()
+        skip = {"name", "device", "data.test_domains"}
+        return tuple(sorted(f"{k}={_hashable(v)}" for k, v in flat.items() if k not in skip))
+
+    def held(r: RunRecord) -> tuple[str, ...]:
+        return tuple((r.config.get("data") or {}).get("test_domains") or ())
+
+    index = {(ident(r), held(r)): r for r in runs}
+    out: list[dict[str, Any] | None] = []
+    for r in runs:
+        if len(held(r)) != 1:
+            out.append(None)
+            continue
+        t = held(r)[0]
+        others = Layout.from_config(r.config, r.eval_rows()).training
+        siblings = {v: index.get((ident(r), (t, v))) for v in others}
+        if not others or any(s is None for s in siblings.values()):
+            out.append(None)
+            continue
+        val_rows = {v: s.eval_rows() for v, s in siblings.items() if s is not None}
+        out.append(leave_one_domain_out_choice(t, r.eval_rows(), val_rows))
+    return out
 
 
 def is_run_dir(path: Path) -> bool:
@@ -244,9 +282,14 @@ def summarize(
     """
     get_rule(selection)
     runs = [r for r in records if r.completed]
+    if selection == LODO:  # a property of a set of runs: only the [t] runs are reported
+        picked = leave_one_domain_out_rows(runs)
+        runs = [r for r, row in zip(runs, picked, strict=True) if row is not None]
+        chosen = [row for row in picked if row is not None]
+    else:
+        chosen = [r.choose(selection) or {} for r in runs]
     if not runs:
         return []
-    chosen = [r.choose(selection) or {} for r in runs]
     flats = [r.flat_config() for r in runs]
     keys_wanted = _group_keys(group_by, flats)
     names = resolve_metrics(metrics, chosen)
@@ -351,16 +394,15 @@ def describe_selection(records: Iterable[RunRecord], selection: str) -> str:
             for s in ((r.summary or {}).get("selection") or {} for r in runs)
         }
         return "each run's own rule" + (f" ({', '.join(sorted(own))})" if own else "")
-    if selection in ("source_val", "target_val"):
-        criteria = set()
-        for r in runs:
-            try:
-                metric, mode = val_criterion(r.config, selection.removesuffix("_val"))
-            except XdtError:
-                continue
-            criteria.add(f"{metric}, {mode}")
-        return selection + (f" ({', '.join(sorted(criteria))})" if criteria else "")
-    return selection
+    if selection == LODO:
+        return f"{selection} (DomainBed's, over the runs holding out [t] and [t, v])"
+    criteria = set()
+    for r in runs:
+        try:
+            criteria.add(describe(selection, r.config, r.eval_rows()))
+        except XdtError:
+            continue
+    return selection + (f" ({', '.join(sorted(criteria))})" if criteria else "")
 
 
 # --------------------------------------------------------------------------- rendering

@@ -1,43 +1,43 @@
-"""Model-selection rules, recomputed after the fact from a run's evaluation rows.
+"""Model-selection rules: the one definition of each rule, used by training, report and evaluate.
 
-A rule answers "which evaluation of this run counts as its result?". Every eval row of
-metrics.jsonl holds the val and test metrics of every domain at that step (DESIGN.md,
-"Evaluation rows"), so a rule needs only the run's resolved config and those rows:
+A rule answers "which evaluation of this run counts as its result?". Each is one `Rule`
+object in `RULES` that declares its name, the subcommands it serves, the splits it may read
+(by role: the source, the target, the training domains, the held-out domains, the tasks;
+always their val split, never a test split), its default metric (the first metric it may
+read), its mode (min for `*/loss`, `*/mse`, `*/mae`, else max, unless `selection.mode` says
+otherwise) and whether it takes the best or the last checkpoint. The regimes turn it into the
+engine's `Selection` (best.pt), `xdt report --selection` recomputes it from a run's eval rows
+(every eval row holds the val and test metrics of every domain and task: DESIGN.md,
+"Evaluation rows"), and `xdt evaluate` scores the best.pt it chose. A `selection.metric`
+outside the rule's splits is a ConfigError naming the rule and listing what it may read.
 
-    RULES[name](config, eval_rows, summary=None) -> the chosen eval row, or None (no rows)
+- `source_val` (train-source, transfer; finetune with a `data.source`): the source's val split.
+- `target_val` (finetune's default; transfer and train-source): the target's val split. Under
+  transfer it reads target labels, which the adaptation itself never sees; summary.json says
+  so (`selection.note`).
+- `training_domain_val` (generalize's default): the training domains' val splits and their
+  mean `train_domains/val/*` (default `train_domains/val/acc`) or the worst of them,
+  `worst_domain/val/*`. Never a held-out domain. DomainBed's "training-domain validation set".
+- `oracle` (generalize, with held-out domains): DomainBed's "test-domain validation set",
+  exactly: the LAST checkpoint (no early stopping), its metric `test_domains/val/acc` (the
+  held-out domains' 20% val split, DomainBed's env_out) being what a sweep compares whole runs
+  by; the result is the held-out domains' 80% test split (DomainBed's env_in) at that step.
+- `leave_one_domain_out` (generalize, several runs): DomainBed's "leave-one-domain-out
+  cross-validation", exactly. For test domain t: at each eval step, the validation accuracy is
+  the mean over every other domain v of v's accuracy on its 80% test split (`v/test/acc`) in
+  the run holding out [t, v] (all of them must exist), and the result is `t/test/acc` of the
+  run holding out [t] alone at the step with the best validation accuracy. It needs D + D(D-1)
+  runs, so it is `xdt generalize --leave-one-out`'s rule (`leave_one_domain_out_choice`); a
+  single run under it is refused.
+- `task_val` (multitask's default): the tasks' val splits and their mean `avg/val/*`
+  (default `avg/val/acc`, or `avg/val/mse` when every task is a regression).
+- `last` (every subcommand): the last evaluation; it reads nothing.
 
-`config` is config.yaml as a plain mapping, `eval_rows` the `"split": "eval"` rows in file
-order, and `summary` the run's summary.json (only the `summary` rule reads it).
+Ties go to the earliest row: a later row wins only when strictly better (`is_better`), as the
+engine keeps best.pt. Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization",
+ICLR 2021, section 3 and domainbed/model_selection.py, define the three DG rules.
 
-- `source_val`: the row with the best `<source>/val/acc`, the source being
-  `data.source.dataset` (the embedded sets have one domain each). Ties go to the earliest
-  row: a later row wins only when strictly better, exactly as the engine keeps best.pt.
-  When the run itself was trained with `selection.rule: source_val`, its own
-  `selection.metric` and `selection.mode` are honoured (with the engine's defaults: the
-  source's val acc; `min` for a `*/loss` metric, else `max`), so the rule reproduces the
-  run's best.pt. For a run trained under another rule they are not used: the rule then
-  means the default source val acc, maximised.
-- `last`: the last eval row.
-- `summary`: whatever the run chose itself: `summary["best"]` at `summary["best_step"]`.
-
-- `target_val`: the same with `data.target` (fine-tuning's default; under transfer it reads
-  target labels of the val split, which the user must own, and is reported as such).
-
-Domain generalisation (`xdt generalize`; DomainBed's three rules, Gulrajani & Lopez-Paz
-2021, section 3), on the means that every generalize eval row holds:
-- `training_domain_val`: the best `train_domains/val/acc`, the mean val accuracy of the
-  training domains (their own val splits: never a held-out domain).
-- `leave_one_domain_out`: the best `val_domains/val/acc`, the mean val accuracy of the
-  held-out domains after the first of `data.test_domains` (validation domains, held out of
-  training like the test domain; `xdt generalize --leave-one-out` builds the folds and
-  averages the test domain's result over them).
-- `oracle`: the best `test_domains/val/acc`, the held-out domains' own val split (20% of
-  them): a reference that uses test-domain labels, reported as such.
-Multitask (`xdt multitask`): `task_val`, the best `avg/val/acc` (the mean val accuracy of
-the classification tasks; `avg/val/mse`, minimised, when every task is a regression).
-
-The held-out domains' test splits are never read by any rule. As for `source_val`, a run
-trained under the rule with its own `selection.metric` / `mode` is reproduced exactly.
+This module imports nothing of xdt but errors, so config.py and report.py (no torch) use it.
 """
 
 from __future__ import annotations
@@ -45,36 +45,251 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from xdt_cli.errors import XdtError
+from xdt_cli.errors import ConfigError, XdtError
 
 Row = dict[str, Any]
-Rule = Callable[..., Row | None]
-
-RULES: dict[str, Rule] = {}
-
-
-def register(name: str) -> Callable[[Rule], Rule]:
-    def add(fn: Rule) -> Rule:
-        if name in RULES:
-            raise ValueError(f"selection rule '{name}' is registered twice")
-        RULES[name] = fn
-        return fn
-
-    return add
+LOWER_IS_BETTER = ("/loss", "/mse", "/mae")
+# names of eval-row groups (engine averages and worst), never a domain's own name
+GROUPS = ("train_domains", "test_domains", "val_domains", "worst_domain", "avg")
 
 
-def get_rule(name: str, key: str = "--selection") -> Rule:
-    """The rule called `name`; an unknown name is an XdtError with a did-you-mean."""
+def mode_of(metric: str) -> str:
+    """min for a loss or an error (`*/loss`, `*/mse`, `*/mae`), max for the rest."""
+    return "min" if metric.endswith(LOWER_IS_BETTER) else "max"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The names a run's eval rows use, by role: what a rule's splits resolve to."""
+
+    subcommand: str | None = None
+    source: str | None = None
+    target: str | None = None
+    training: tuple[str, ...] = ()  # generalize: the domains trained on
+    held_out: tuple[str, ...] = ()  # generalize: data.test_domains
+    tasks: tuple[tuple[str, str], ...] = ()  # multitask: (task, loss kind)
+
+    def metrics_of(self, name: str) -> tuple[str, str]:
+        """The metrics an eval row holds for a domain, task or group."""
+        kinds = dict(self.tasks)
+        if name == "avg" and kinds:
+            classifying = [t for t, k in kinds.items() if k != "mse"]
+            return ("acc", "loss") if classifying else ("mse", "mae")
+        return ("mse", "mae") if kinds.get(name) == "mse" else ("acc", "loss")
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        eval_rows: Sequence[Row] = (),
+        subcommand: str | None = None,
+    ) -> Layout:
+        """The layout of a finished run from its config.yaml (a plain mapping) and eval rows
+        (a generalize run's domains, when `data.domains` is not given, are read from the
+        rows: every name that is not a group nor held out)."""
+        data = config.get("data") or {}
+
+        def name(role: str) -> str | None:
+            section = data.get(role) or {}
+            return section.get("domain") or section.get("dataset")
+
+        held = tuple(data.get("test_domains") or ())
+        training: tuple[str, ...] = ()
+        if data.get("dataset"):
+            domains = data.get("domains")
+            if not domains:
+                seen = {k.split("/", 1)[0]: None for r in eval_rows for k in r if k.count("/") == 2}
+                domains = [d for d in seen if d not in GROUPS]
+            training = tuple(d for d in domains if d not in held)
+        tasks = tuple(
+            (str(t), str((spec or {}).get("loss") or "ce"))
+            for t, spec in (data.get("tasks") or {}).items()
+        )
+        if subcommand is None:
+            subcommand = "multitask" if tasks else "generalize" if data.get("dataset") else None
+        return cls(subcommand, name("source"), name("target"), training, held, tasks)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One selection rule: see the module docstring for each."""
+
+    name: str
+    subcommands: tuple[str, ...]
+    doc: str  # one line, for `xdt report --selection` help and errors
+    # the names (domains, tasks, groups) whose val split it may read; the first is its default
+    scope: Callable[[Layout], tuple[str | None, ...]] = field(repr=False)
+    pick: str = "best"  # "best": the best metric; "last": the last checkpoint
+    needs: str | None = None  # what a run lacks when `scope` is empty (None: reads nothing)
+    single_run: bool = True  # False: it compares several runs (leave_one_domain_out)
+    note: Callable[[Layout], str | None] = field(default=lambda layout: None, repr=False)
+
+    def allowed(self, layout: Layout) -> list[str]:
+        """Every metric the rule may choose on for a run of this layout (val splits only)."""
+        names = [n for n in self.scope(layout) if n is not None]
+        return [f"{n}/val/{m}" for n in names for m in layout.metrics_of(n)]
+
+    def problems(self, layout: Layout) -> list[str]:
+        """Why this rule cannot select a run of this layout (empty: it can)."""
+        if layout.subcommand is not None and layout.subcommand not in self.subcommands:
+            return [
+                f"selection.rule: {self.name} is not a rule of {layout.subcommand} "
+                f"(its rules: {', '.join(rules_of(layout.subcommand))})"
+            ]
+        if not self.single_run:
+            return [f"selection.rule: {self.name} {self.needs}"]
+        if self.needs is not None and not self.allowed(layout):
+            return [f"selection.rule: {self.name} {self.needs}"]
+        return []
+
+    def criterion(
+        self, layout: Layout, metric: str | None = None, mode: str | None = None
+    ) -> tuple[str | None, str]:
+        """(metric, mode) that the rule chooses on: `metric` / `mode` when given (the run's
+        own `selection.metric` / `mode`), else its default. ConfigError when it cannot."""
+        problems = self.problems(layout)
+        if problems:
+            raise ConfigError(*problems)
+        allowed = self.allowed(layout)
+        if not allowed:
+            if metric is not None:
+                raise ConfigError(f"selection.metric: rule {self.name} reads no metric; drop it")
+            return None, "max"
+        metric = metric or allowed[0]
+        if metric not in allowed:
+            reason = " (a test split is never chosen on)" if "/test/" in metric else ""
+            raise ConfigError(
+                f"selection.metric: '{metric}' is not read by rule {self.name}{reason}; "
+                f"it reads {', '.join(allowed)}"
+            )
+        return metric, mode or mode_of(metric)
+
+    def choose(self, rows: Sequence[Row], metric: str | None, mode: str) -> Row | None:
+        """The chosen eval row: the last one, or the first best by `metric`."""
+        if not rows:
+            return None
+        if self.pick == "last" or metric is None:
+            return rows[-1]
+        if not any(metric in row for row in rows):
+            raise XdtError(f"selection '{self.name}': no eval row holds '{metric}'")
+        best_row, best = None, None
+        for row in rows:
+            value = _value(row, metric)
+            if is_better(value, best, mode):
+                best_row, best = row, value
+        return best_row
+
+
+def _transfer_note(layout: Layout) -> str | None:
+    if layout.subcommand == "transfer":
+        return "read the target's val labels, which transfer training never sees"
+    return None
+
+
+RULES: dict[str, Rule] = {
+    rule.name: rule
+    for rule in (
+        Rule(
+            "source_val",
+            ("train-source", "transfer", "finetune"),
+            "the source's val split",
+            lambda lay: (lay.source,),
+            needs="needs data.source",
+        ),
+        Rule(
+            "target_val",
+            ("train-source", "transfer", "finetune"),
+            "the target's val split (target labels)",
+            lambda lay: (lay.target,),
+            needs="needs data.target",
+            note=_transfer_note,
+        ),
+        Rule(
+            "training_domain_val",
+            ("generalize",),
+            "the training domains' val splits (train_domains/val/acc)",
+            lambda lay: ("train_domains", *lay.training, "worst_domain"),
+            needs="needs training domains",
+        ),
+        Rule(
+            "oracle",
+            ("generalize",),
+            "DomainBed's oracle: the last checkpoint; test_domains/val/acc compares runs",
+            lambda lay: ("test_domains", *lay.held_out) if lay.held_out else (),
+            pick="last",
+            needs="needs held-out domains (data.test_domains)",
+            note=lambda lay: (
+                "the last checkpoint (DomainBed's oracle); its metric, the held-out "
+                "domains' val split, compares runs"
+            ),
+        ),
+        Rule(
+            "leave_one_domain_out",
+            ("generalize",),
+            "DomainBed's leave-one-domain-out cross-validation (xdt generalize --leave-one-out)",
+            lambda lay: (),
+            needs="compares D + D(D-1) runs (DomainBed); run xdt generalize --leave-one-out "
+            "with it instead of a single run",
+            single_run=False,
+        ),
+        Rule(
+            "task_val",
+            ("multitask",),
+            "the tasks' val splits (avg/val/acc, or avg/val/mse)",
+            lambda lay: ("avg", *(t for t, _ in lay.tasks)) if lay.tasks else (),
+            needs="needs data.tasks",
+        ),
+        Rule(
+            "last",
+            ("train-source", "finetune", "transfer", "generalize", "multitask"),
+            "the last evaluation",
+            lambda lay: (),
+        ),
+    )
+}
+DEFAULT_RULES = {
+    "train-source": "source_val",
+    "finetune": "target_val",
+    "transfer": "source_val",
+    "generalize": "training_domain_val",
+    "multitask": "task_val",
+}
+SUMMARY = "summary"  # report only: each run's own choice, summary.json's "best"
+LODO = "leave_one_domain_out"
+
+
+def rules_of(subcommand: str) -> list[str]:
+    """The rules that serve a subcommand, in RULES order."""
+    return [r.name for r in RULES.values() if subcommand in r.subcommands]
+
+
+def get_rule(name: str, key: str = "--selection") -> Rule | None:
+    """The rule called `name` (None for `summary`); an unknown name is an XdtError."""
+    if name == SUMMARY:
+        return None
     rule = RULES.get(name)
     if rule is None:
-        close = difflib.get_close_matches(name, list(RULES), n=1)
+        known = [*RULES, SUMMARY]
+        close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise XdtError(
-            f"{key}: unknown selection rule '{name}'{hint}; known: {', '.join(sorted(RULES))}"
+            f"{key}: unknown selection rule '{name}'{hint}; known: {', '.join(sorted(known))}"
         )
     return rule
+
+
+def run_criterion(name: str, config: Mapping[str, Any], layout: Layout) -> tuple[str | None, str]:
+    """(metric, mode) of rule `name` for a finished run: the run's own `selection.metric` /
+    `mode` when it trained under that rule (so best.pt is reproduced), else the default."""
+    rule = get_rule(name)
+    assert rule is not None
+    own = config.get("selection") or {}
+    if own.get("rule") == name:
+        return rule.criterion(layout, own.get("metric"), own.get("mode"))
+    return rule.criterion(layout)
 
 
 def select(
@@ -82,29 +297,31 @@ def select(
     config: Mapping[str, Any],
     eval_rows: Sequence[Row],
     summary: Mapping[str, Any] | None = None,
+    subcommand: str | None = None,
 ) -> Row | None:
-    """Apply the rule called `name` to one run."""
-    return get_rule(name)(config, eval_rows, summary=summary)
+    """Apply the rule called `name` to one finished run; `summary`: the run's own choice."""
+    rule = get_rule(name)
+    if rule is None:
+        if summary is None:
+            raise XdtError("selection 'summary': the run has no summary.json")
+        best = summary.get("best") or {}
+        return {"step": summary.get("best_step"), "split": "eval", **best} if best else None
+    layout = Layout.from_config(config, eval_rows, subcommand)
+    try:
+        metric, mode = run_criterion(name, config, layout)
+    except ConfigError as exc:
+        raise XdtError(f"selection '{name}': {'; '.join(exc.lines)}") from None
+    return rule.choose(eval_rows, metric, mode)
 
 
-def source_domain(config: Mapping[str, Any], role: str = "source") -> str:
-    """The name of the `data.<role>` domain: its `dataset` (single-domain embedded sets)."""
-    section = (config.get("data") or {}).get(role) or {}
-    dataset = section.get("dataset")
-    if not dataset:
-        raise XdtError(f"selection '{role}_val': the run's config has no data.{role}.dataset")
-    return str(dataset)
-
-
-def val_criterion(config: Mapping[str, Any], role: str = "source") -> tuple[str, str]:
-    """(metric, mode) that `<role>_val` uses for this run; see the module docstring."""
-    rule = f"{role}_val"
-    metric, mode = f"{source_domain(config, role)}/val/acc", None
-    own = config.get("selection") or {}
-    if own.get("rule", "source_val") == rule:
-        metric = own.get("metric") or metric
-        mode = own.get("mode")
-    return metric, mode or ("min" if metric.endswith("loss") else "max")
+def describe(name: str, config: Mapping[str, Any], eval_rows: Sequence[Row] = ()) -> str:
+    """`metric, mode` of a rule for a run, or the rule's own words when it reads no metric."""
+    rule = get_rule(name)
+    assert rule is not None
+    metric, mode = run_criterion(name, config, Layout.from_config(config, eval_rows))
+    if rule.pick == "last" or metric is None:
+        return "the last checkpoint"
+    return f"{metric}, {mode}"
 
 
 def _value(row: Row, metric: str) -> float:
@@ -124,111 +341,32 @@ def is_better(value: float, best: float | None, mode: str) -> bool:
     return value > best if mode == "max" else value < best
 
 
-def _best_row(rule: str, metric: str, mode: str, eval_rows: Sequence[Row]) -> Row | None:
-    if eval_rows and not any(metric in row for row in eval_rows):
-        raise XdtError(f"selection '{rule}': no eval row holds '{metric}'")
-    best_row, best = None, None
-    for row in eval_rows:
-        value = _value(row, metric)
-        if is_better(value, best, mode):
-            best_row, best = row, value
-    return best_row
-
-
-@register("source_val")
-def source_val(
-    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
+def leave_one_domain_out_choice(
+    test_domain: str, test_rows: Sequence[Row], val_rows: Mapping[str, Sequence[Row]]
 ) -> Row | None:
-    return _best_row("source_val", *val_criterion(config, "source"), eval_rows)
+    """DomainBed's LeaveOneOutSelectionMethod for one test domain t.
 
-
-@register("target_val")
-def target_val(
-    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
-) -> Row | None:
-    return _best_row("target_val", *val_criterion(config, "target"), eval_rows)
-
-
-@register("last")
-def last(
-    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
-) -> Row | None:
-    return eval_rows[-1] if eval_rows else None
-
-
-@register("summary")
-def from_summary(
-    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
-) -> Row | None:
-    if summary is None:
-        raise XdtError("selection 'summary': the run has no summary.json")
-    best = summary.get("best") or {}
-    if not best:
+    `test_rows`: the eval rows of the run holding out [t]; `val_rows[v]`: those of the run
+    holding out [t, v], for every other domain v. At each step that every run evaluated, the
+    validation accuracy is the mean over v of `v/test/acc` (v's 80% split, DomainBed's
+    env_in) in run [t, v]; the chosen row is run [t]'s row at the first step with the best
+    one, plus `leave_one_domain_out/val/acc` (that mean). None when a run is missing or no
+    step is common to all.
+    """
+    if not val_rows or not test_rows:
         return None
-    return {"step": summary.get("best_step"), "split": "eval", **best}
-
-
-GENERALIZE_METRICS = {
-    "training_domain_val": "train_domains/val/acc",
-    "leave_one_domain_out": "val_domains/val/acc",
-    "oracle": "test_domains/val/acc",
-}
-
-
-def generalize_criterion(config: Mapping[str, Any], rule: str) -> tuple[str, str]:
-    """(metric, mode) of a generalize rule for this run (its own settings under that rule)."""
-    if not (config.get("data") or {}).get("test_domains"):
-        raise XdtError(f"selection '{rule}': the run is not a generalize run (no test_domains)")
-    metric, mode = GENERALIZE_METRICS[rule], None
-    own = config.get("selection") or {}
-    if own.get("rule") == rule:
-        metric = own.get("metric") or metric
-        mode = own.get("mode")
-    return metric, mode or ("min" if metric.endswith("loss") else "max")
-
-
-@register("training_domain_val")
-def training_domain_val(
-    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
-) -> Row | None:
-    rule = "training_domain_val"
-    return _best_row(rule, *generalize_criterion(config, rule), eval_rows)
-
-
-@register("leave_one_domain_out")
-def leave_one_domain_out(
-    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
-) -> Row | None:
-    rule = "leave_one_domain_out"
-    return _best_row(rule, *generalize_criterion(config, rule), eval_rows)
-
-
-@register("oracle")
-def oracle(
-    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
-) -> Row | None:
-    return _best_row("oracle", *generalize_criterion(config, "oracle"), eval_rows)
-
-
-def task_criterion(config: Mapping[str, Any]) -> tuple[str, str]:
-    """(metric, mode) of `task_val` for a multitask run: the mean val acc of its
-    classification tasks (`avg/val/acc`), or `avg/val/mse` (minimised) when every task is a
-    regression; its own `selection.metric` / `mode` when it was trained under the rule."""
-    tasks = (config.get("data") or {}).get("tasks") or {}
-    if not tasks:
-        raise XdtError("selection 'task_val': the run is not a multitask run (no data.tasks)")
-    regression = all((t or {}).get("loss", "ce") == "mse" for t in tasks.values())
-    metric, mode = ("avg/val/mse" if regression else "avg/val/acc"), None
-    own = config.get("selection") or {}
-    if own.get("rule") == "task_val":
-        metric = own.get("metric") or metric
-        mode = own.get("mode")
-    lower = metric.endswith(("/loss", "/mse", "/mae"))
-    return metric, mode or ("min" if lower else "max")
-
-
-@register("task_val")
-def task_val(
-    config: Mapping[str, Any], eval_rows: Sequence[Row], summary: Mapping[str, Any] | None = None
-) -> Row | None:
-    return _best_row("task_val", *task_criterion(config), eval_rows)
+    by_step = [{r["step"]: r for r in rows} for rows in val_rows.values()]
+    best_row, best = None, None
+    for row in test_rows:
+        step = row["step"]
+        if not all(step in rows for rows in by_step):
+            continue
+        values = [
+            _value(rows[step], f"{v}/test/acc") for v, rows in zip(val_rows, by_step, strict=True)
+        ]
+        value = sum(values) / len(values)
+        if is_better(value, best, "max"):
+            best_row, best = row, value
+    if best_row is None:
+        return None
+    return {**best_row, "leave_one_domain_out/val/acc": best}
