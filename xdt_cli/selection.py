@@ -52,7 +52,8 @@ from xdt_cli.errors import ConfigError, XdtError
 
 Row = dict[str, Any]
 LOWER_IS_BETTER = ("/loss", "/mse", "/mae")
-# names of eval-row groups (engine averages and worst), never a domain's own name
+# names of eval-row groups (engine averages and worst), never a domain's own name;
+# `val_domains` is no longer written, but runs made before 2026-11-30 have it in their rows
 GROUPS = ("train_domains", "test_domains", "val_domains", "worst_domain", "avg")
 
 
