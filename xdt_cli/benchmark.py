@@ -16,6 +16,7 @@ docs/BENCHMARKS.md between `<!-- suite:<name>:start -->` and `<!-- suite:<name>:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -46,16 +47,20 @@ class TableSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     title: str
-    kind: Literal["comparison", "held_out_domains", "tasks"] = Field(
+    kind: Literal["comparison", "held_out_domains", "tasks", "search"] = Field(
         "comparison",
         description="held_out_domains: a DomainBed-style table, one column per held-out "
         "domain (each run's data.test_domains[0]) plus their average; tasks: multitask runs, "
         "one column per task (`<task>/<metric>/acc`, or `mse` for a regression task) plus "
-        "Delta_m% against the single-task baselines (runs with --single-task-baselines)",
+        "Delta_m% against the single-task baselines (runs with --single-task-baselines); "
+        "search: the rows' sweeps are hyper-parameter searches (a sweep's `search:`) and the "
+        "table is `xdt report --choose-by <selection>` over them (choose.py): one row per "
+        "method, one column per held-out domain or source -> target pair, plus the average",
     )
-    metric: str = Field(
+    metric: str | None = Field(
+        None,
         description="e.g. mnist5k/test/acc; for held_out_domains the part after the domain, "
-        "e.g. test/acc"
+        "e.g. test/acc; a search table reads each column's own test metric",
     )
     rows: list[str] = Field(min_length=1, description="sweep names, in table order")
     baseline: str | None = None
@@ -119,6 +124,8 @@ def load_suite(path: Path) -> Suite:
     for i, table in enumerate(spec.tables or []):
         if table.selection:
             get_rule(table.selection)
+        if table.metric is None and table.kind != "search":
+            raise ConfigError(f"{path}: tables.{i}.metric: a {table.kind} table needs a metric")
         for name in [*table.rows, table.baseline, table.ceiling]:
             if name is not None and name not in names:
                 raise ConfigError(f"{path}: tables.{i}: '{name}' is not one of the suite's sweeps")
@@ -152,7 +159,10 @@ def run_benchmark(
     for p in plans:
         result = run_sweep(p, jobs=jobs, reporter=SweepReporter(quiet=quiet))
         results.append(result)
-        if result["status"] != "completed":
+        # a search's draw may fail (a learning rate that diverges): it is left out of the
+        # choice and counted in the table's note (DomainBed trains on through the NaNs)
+        searching = p.sweep.search is not None and result["status"] == "failed"
+        if result["status"] != "completed" and not searching:
             raise _SuiteIncomplete(p.sweep.name, result["status"])
     elapsed = time.perf_counter() - started
 
@@ -173,6 +183,7 @@ def run_benchmark(
             "comparison": comparison_table,
             "held_out_domains": held_out_table,
             "tasks": tasks_table,
+            "search": search_table,
         }[spec.kind]
         tables.append((spec.title, make(spec, records_of, suite.selection)))
     section = _section(suite, jobs, tables, elapsed, train_time)
@@ -358,6 +369,58 @@ def tasks_table(spec: TableSpec, records_of: dict[str, list], selection: str) ->
     )
     lines += ["", note + (f" {spec.note.strip()}" if spec.note else "")]
     return "\n".join(lines) + "\n"
+
+
+def search_table(spec: TableSpec, records_of: dict[str, list], selection: str) -> str:
+    """`xdt report --choose-by RULE` over the rows' sweeps (choose.py), in %: within each trial
+    seed the draw whose RULE validation is best, its test accuracy, mean ± std over trials;
+    rows in the order of `spec.rows` (the sweep holding each row's runs)."""
+    from xdt_cli.choose import choose
+
+    rule = spec.selection or selection
+    records = [r for name in spec.rows for r in records_of[name]]
+    rows = choose(records, rule)
+    place = {name: i for i, name in enumerate(spec.rows)}
+
+    def sweep_of(row: dict[str, Any]) -> str:
+        trials = [t for col in row["columns"].values() for t in col["trials"]]
+        return Path(trials[0]["run"]).parent.name if trials else ""
+
+    rows.sort(key=lambda row: place.get(sweep_of(row), len(place)))
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row["columns"] if c not in columns]
+    header = ["method", *columns, "avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    draws, trials = set(), set()
+    for row in rows:
+        label = ", ".join(str(v) for v in row["row"].values()) or sweep_of(row)
+        cells = [f"`{label}`"]
+        for column in columns:
+            entry = row["columns"].get(column)
+            cells.append(_pm_stats(entry))
+            for t in (entry or {}).get("trials", []):
+                draws.add(t["draws"])
+                trials.add(json.dumps(t["trial"], sort_keys=True))
+        cells.append(_pm_stats(row["avg"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = sum(r.status == "failed" for r in records)
+    counts = "-".join(str(d) for d in sorted({min(draws), max(draws)})) if draws else "0"
+    note = (
+        f"Selection: `{rule}` among {counts} completed draws per trial, {len(trials)} trials; "
+        "test accuracy (%) of the chosen draw, mean ± std over trials (avg: per trial over "
+        "the columns, then over trials)."
+    )
+    if failed:
+        note += f" {failed} run(s) failed (a diverging draw) and were left out of the choice."
+    lines += ["", note + (f" {spec.note.strip()}" if spec.note else "")]
+    return "\n".join(lines) + "\n"
+
+
+def _pm_stats(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return "n/a"
+    return f"{100 * entry['mean']:.1f} ± {100 * (entry.get('std') or 0.0):.1f}"
 
 
 def _fmt_metric(values: list[float], kind: str) -> str:

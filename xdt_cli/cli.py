@@ -512,18 +512,34 @@ def datasets(
 
 @app.command("methods")
 def methods(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="A method: print its description, defaults and search space.",
+            show_default=False,
+            metavar="NAME",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """List the learning rules (`method.name`), the subcommands each serves and its defaults,
-    then the selection rules (`selection.rule`) and what each reads (the table only).
+    then the selection rules (`selection.rule`) and what each reads (the table only). With
+    NAME, one method and its hyper-parameter search space (what `search:` in a sweep draws).
 
-    Example: xdt methods --json
+    Example: xdt methods irm
     """
 
     def body() -> int:
-        from xdt_cli.listing import method_rows, print_table, rule_rows
+        from xdt_cli.listing import method_detail, method_rows, print_method, print_table, rule_rows
 
+        if name is not None:
+            detail = method_detail(name)
+            if as_json:
+                print(json.dumps(detail, indent=2))
+            else:
+                print_method(detail)
+            return 0
         rows = method_rows()
         if as_json:
             print(json.dumps(rows, indent=2))
@@ -627,6 +643,16 @@ def report(
     fmt: Annotated[
         str, typer.Option("--format", help="table, markdown, csv, latex or json.")
     ] = "table",
+    choose_by: Annotated[
+        str | None,
+        typer.Option(
+            "--choose-by",
+            metavar="RULE",
+            help="DomainBed's protocol: within each trial seed, the draw whose RULE validation "
+            "is best; one column per held-out domain or source->target pair, plus avg.",
+            show_default=False,
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Mean ± std over seeds of finished runs, one row per configuration.
@@ -634,6 +660,8 @@ def report(
     Failed, interrupted and unfinished runs are listed on stderr, never averaged in.
 
     Example: xdt report runs/lr-sweep --group-by optim.lr --selection source_val --format markdown
+
+    Example: xdt report runs/dg-search --choose-by training_domain_val --format markdown
     """
 
     def body() -> int:
@@ -643,7 +671,13 @@ def report(
 
         width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
         text, left_out = make_report(
-            runs_dirs, group_by=group_by, metrics=metric, selection=selection, fmt=fmt, width=width
+            runs_dirs,
+            group_by=group_by,
+            metrics=metric,
+            selection=selection,
+            fmt=fmt,
+            width=width,
+            choose_by=choose_by,
         )
         print(text, end="")
         for line in left_out:

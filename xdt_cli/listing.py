@@ -52,6 +52,62 @@ def method_rows() -> list[dict[str, Any]]:
     ]
 
 
+def method_detail(name: str) -> dict[str, Any]:
+    """One method for `xdt methods NAME`: its row, its whole description and its search
+    space (search.py): its own keys, then the shared keys for each optimizer and image size."""
+    import difflib
+
+    from xdt_cli.errors import XdtError
+    from xdt_cli.methods import METHODS
+    from xdt_cli.search import shared_space
+
+    rows = {row["name"]: row for row in method_rows()}
+    if name not in rows:
+        close = difflib.get_close_matches(name, list(rows), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise XdtError(f"NAME: unknown method '{name}'{hint}; xdt methods lists them")
+    cls = METHODS[name]
+    defaults = rows[name]["defaults"]
+
+    def entry(key: str, param: Any, default: Any) -> dict[str, Any]:
+        return {
+            "key": key,
+            "default": default,
+            "distribution": param.describe(),
+            "source": param.source,
+        }
+
+    own = [entry(f"method.{k}", p, defaults.get(k)) for k, p in cls.search_space.items()]
+    shared = []
+    for optimizer, small in (("adam", True), ("adam", False), ("sgd", True), ("sgd", False)):
+        where = f"{optimizer}, {'small' if small else 'large'} images"
+        for key, param in shared_space(optimizer, small).items():
+            row = entry(key, param, None)
+            del row["default"]  # draw 0 takes the config's own value
+            shared.append({"when": where, **row})
+    return {
+        **rows[name],
+        "description": " ".join((cls.__doc__ or "").split()),
+        "search_space": own,
+        "shared_search_space": shared,
+    }
+
+
+def print_method(detail: dict[str, Any]) -> None:
+    """`xdt methods NAME` for a person: the facts, then the two parts of its search space."""
+    console = Console()
+    console.print(f"[bold]{detail['name']}[/bold] ({', '.join(detail['subcommands'])})")
+    console.print(detail["description"], markup=False)
+    console.print(f"paper: {detail['paper']}", markup=False)
+    console.print(f"defaults: {_cell(detail['defaults'])}", markup=False)
+    own = detail["search_space"] or [{"key": "-", "default": "-", "distribution": "-"}]
+    print_table(f"search space of {detail['name']} (draw 0: the defaults)", own)
+    print_table(
+        "shared search space (every method; draw 0: the config's values)",
+        detail["shared_search_space"],
+    )
+
+
 def rule_rows() -> list[dict[str, Any]]:
     """The selection rules (`selection.rule`, `xdt report --selection`), from selection.py."""
     from xdt_cli.selection import DEFAULT_RULES, RULES

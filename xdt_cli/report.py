@@ -549,8 +549,37 @@ def report(
     selection: str = "summary",
     fmt: str = "table",
     width: int | None = None,
+    choose_by: str | None = None,
 ) -> tuple[str, list[str]]:
-    """What `xdt report` prints: (the rendered text, the runs left out, one line each)."""
+    """What `xdt report` prints: (the rendered text, the runs left out, one line each).
+
+    `choose_by`: a selection rule; the runs are then a hyper-parameter search, reported as
+    DomainBed does (choose.py) instead of grouped: rows and columns are fixed by the search,
+    so `group_by`, `metrics` and another `selection` are refused with it.
+    """
+    if choose_by is not None:
+        from xdt_cli import choose  # choose.py imports this module
+
+        given = {
+            "--group-by": group_by is not None,
+            "--selection": selection != SUMMARY,
+            "--metric": bool(metrics),
+        }
+        conflicts = [
+            f"--choose-by and {option}: one or the other (--choose-by sets the rows, the "
+            "columns, their metrics and the selection rule)"
+            for option, used in given.items()
+            if used
+        ]
+        if conflicts:
+            raise XdtError(*conflicts)
+        choose.check_rule(choose_by)
+        check_format(fmt)
+        records = collect_runs(paths)
+        choices = choose.choose(records, choose_by)
+        note = choose.describe_choice(records, choose_by, choices)
+        text = choose.render_choice(choices, fmt, note=note, width=width)
+        return text, incomplete_runs(records)
     get_rule(selection)
     check_format(fmt)  # bad arguments fail before any folder is read
     records = collect_runs(paths)

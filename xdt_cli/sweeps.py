@@ -16,12 +16,25 @@ random:                      # optional: n draws from numpy.random.default_rng(s
                              # {randint: [lo, hi]} (both ends included)
 seeds: [0, 1]                # default [0]; each run gets seed=S
 ```
-Runs = grid points (crossed with the random draws when both are given) x seeds. A run's
+Runs = grid points (crossed with the random draws when both are given) x seeds.
+
+Or, instead of `random:` and `seeds:`, a hyper-parameter search as DomainBed runs one
+(Gulrajani & Lopez-Paz, ICLR 2021; search.py):
+```yaml
+search: {draws: 20, trials: 3}
+grid: {data.test_domains: [[rot0], [rot15]]}   # the cells: held-out domains, methods, ...
+```
+Runs = grid points x draws x trials. Draw d of a grid point is `search.draw` of the space
+of its config's method (the method's `search_space` and search.shared_space); draw 0 is the
+config's own values. Trial t sets `seed=t` and `data.split_seed=t` (DomainBed's trial seed
+sets the data split too), the same for every draw, so `xdt report --choose-by RULE` can pick
+within each trial the draw whose RULE validation is best. A key set in `overrides:` is held
+there and not searched; a grid key may not be a searched one. A run's
 overrides are the fixed ones, its grid and random values and `seed=S`, each `key=value` with
 the value written so that YAML reads it back unchanged. A run lives in
 `<runs-dir>/<name>/<slug>-<hash>`: the slug shows the values that vary (`lr0.001-seed0`) and
 the hash is the first 8 hex digits of the sha256 of the sorted overrides, so the same
-settings always land in the same folder.
+settings always land in the same folder; a search run's slug ends in `draw<d>-trial<t>`.
 
 Every run is exactly the command that `xdt sweep --dry-run` prints:
 `xdt <subcommand> CONFIG KEY=VALUE... --runs-dir <runs-dir>/<name> --name <slug>-<hash>
@@ -72,6 +85,8 @@ from xdt_cli.files import atomic_write_text
 from xdt_cli.progress import stderr_console
 from xdt_cli.runs import default_runs_dir
 from xdt_cli.runtime import stop_signals
+from xdt_cli.search import draw as draw_search
+from xdt_cli.search import is_hyperparameter, is_small, shared_space
 
 HASH_LENGTH = 8
 SLUG_MAX = 60
@@ -135,6 +150,17 @@ class RandomSpec(_Strict):
     params: dict[str, Distribution] = Field(min_length=1)
 
 
+class SearchSpec(_Strict):
+    """DomainBed's protocol: `draws` hyper-parameter draws (0 = the defaults) x `trials` seeds."""
+
+    draws: int = Field(
+        gt=0, strict=True, description="draws per grid point; draw 0 is the defaults"
+    )
+    trials: int = Field(
+        gt=0, strict=True, description="trial seeds 0..trials-1 (seed and data.split_seed)"
+    )
+
+
 class SweepFile(_Strict):
     """The schema of a sweep file; every level forbids unknown keys."""
 
@@ -144,6 +170,9 @@ class SweepFile(_Strict):
     overrides: list[str] = Field(default_factory=list)
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     random: RandomSpec | None = None
+    search: SearchSpec | None = Field(
+        None, description="a hyper-parameter search: draws x trials per grid point"
+    )
     seeds: list[Annotated[int, Field(strict=True)]] = Field(
         default_factory=lambda: [0], min_length=1
     )
@@ -157,6 +186,10 @@ class SweepFile(_Strict):
     def _baselines(self) -> SweepFile:
         if self.single_task_baselines and self.subcommand != "multitask":
             raise ValueError("single_task_baselines: only multitask runs have tasks")
+        if self.search is not None and self.random is not None:
+            raise ValueError("search: draws its own values; drop random: (or search:)")
+        if self.search is not None and "seeds" in self.model_fields_set:
+            raise ValueError("search: its trials are the seeds; drop seeds:")
         return self
 
 
@@ -173,6 +206,7 @@ class Sweep:
     random: RandomSpec | None
     seeds: tuple[int, ...]
     single_task_baselines: bool = False
+    search: SearchSpec | None = None
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -227,6 +261,8 @@ def load_sweep(path: str | Path) -> Sweep:
     if len(set(spec.seeds)) != len(spec.seeds):
         problems.append(f"seeds: a seed appears twice in {spec.seeds}")
     problems.extend(_key_problems(keys))
+    if spec.search is not None:
+        problems.extend(_search_key_problems(keys))
     if problems:
         raise ConfigError(*(f"{path}: {p}" for p in problems))
     return Sweep(
@@ -239,6 +275,7 @@ def load_sweep(path: str | Path) -> Sweep:
         random=spec.random,
         seeds=tuple(spec.seeds),
         single_task_baselines=spec.single_task_baselines,
+        search=spec.search,
     )
 
 
@@ -255,6 +292,20 @@ def _key_problems(keys: list[tuple[str, str]]) -> list[str]:
         for other, other_where in keys[:i]:
             if key == other or key.startswith(other + ".") or other.startswith(key + "."):
                 problems.append(f"{where}: '{key}' is also set by {other_where}")
+    return problems
+
+
+def _search_key_problems(keys: list[tuple[str, str]]) -> list[str]:
+    """Under search:, the trial sets the seeds and the draws set the hyper-parameters."""
+    problems = []
+    for key, where in keys:
+        if key == "data.split_seed":
+            problems.append(f"{where}: search: sets data.split_seed to the trial seed")
+        elif is_hyperparameter(key) and where.startswith("grid."):
+            problems.append(
+                f"{where}: '{key}' is a searched hyper-parameter; fix it in overrides: "
+                "(then it is not searched) or let the draws set it"
+            )
     return problems
 
 
@@ -301,14 +352,75 @@ def draw(spec: RandomSpec) -> list[dict[str, Any]]:
     return [{key: dist.sample(rng) for key, dist in spec.params.items()} for _ in range(spec.n)]
 
 
-def points(sweep: Sweep) -> list[dict[str, Any]]:
-    """Every run's values: grid product (x random draws) x seeds, `seed` last."""
-    grid_points = [
+def grid_points(sweep: Sweep) -> list[dict[str, Any]]:
+    """The cartesian product of the grid, in file order ([{}] for no grid)."""
+    return [
         dict(zip(sweep.grid, combo, strict=True))
         for combo in itertools.product(*sweep.grid.values())
     ]
+
+
+def points(sweep: Sweep) -> list[dict[str, Any]]:
+    """Every run's values: grid product (x random draws) x seeds, `seed` last."""
     draws = draw(sweep.random) if sweep.random is not None else [{}]
-    return [{**g, **d, "seed": seed} for g in grid_points for d in draws for seed in sweep.seeds]
+    return [
+        {**g, **d, "seed": seed} for g in grid_points(sweep) for d in draws for seed in sweep.seeds
+    ]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run's values and the label its folder name starts with."""
+
+    values: dict[str, Any]
+    label: str
+    draw: int | None = None  # a search's draw and trial
+    trial: int | None = None
+
+
+def space_of(cfg: Any) -> dict[str, Any]:
+    """The search space of a resolved config: search.shared_space for its optimizer and
+    image size (small when every data set it reads is), then its method's own keys."""
+    from xdt_cli.data.registry import get_spec
+    from xdt_cli.methods import METHODS
+
+    data = cfg.data
+    names = [data.dataset] if data.dataset else []
+    names += [d.dataset for d in (data.source, data.target) if d is not None]
+    names += [task.dataset for task in (data.tasks or {}).values()]
+    small = bool(names) and all(is_small(get_spec(name).input_shape) for name in names)
+    own = METHODS[cfg.method.name].search_space
+    return {**shared_space(cfg.optim.name, small), **{f"method.{k}": p for k, p in own.items()}}
+
+
+def search_points(sweep: Sweep) -> list[Point]:
+    """A search's runs: for each grid point, draws x trials of its config's space (keys
+    fixed in `overrides:` left out), draw 0 being that config's values."""
+    assert sweep.search is not None
+    varying = [k for k, v in sweep.grid.items() if len(v) > 1]
+    fixed = {text.split("=", 1)[0] for text in sweep.overrides}
+    out = []
+    for g in grid_points(sweep):
+        given = [*sweep.overrides, *(f"{k}={render_value(v)}" for k, v in g.items())]
+        try:
+            cfg = load_config(sweep.config, given, subcommand=sweep.subcommand)
+        except ConfigError as exc:
+            raise ConfigError(*(f"{sweep.path}: {line}" for line in exc.lines)) from None
+        space = {k: p for k, p in space_of(cfg).items() if k not in fixed}
+        resolved = flatten(yaml.safe_load(dump_config(cfg)))
+        prefix = f"{_slug(g, varying)}-" if varying else ""
+        for d in range(sweep.search.draws):
+            values = draw_search(space, d, {k: resolved[k] for k in space})
+            for t in range(sweep.search.trials):
+                out.append(
+                    Point(
+                        {**g, **values, "seed": t, "data.split_seed": t},
+                        f"{prefix}draw{d}-trial{t}",
+                        d,
+                        t,
+                    )
+                )
+    return out
 
 
 def _slug(values: dict[str, Any], varying: list[str]) -> str:
@@ -339,6 +451,8 @@ class PlannedRun:
     action: str  # start | resume | restart (a folder left without config or meta) | skip
     found: str | None  # what is on disk: None, completed, failed, interrupted, killed, ...
     argv: list[str] = field(default_factory=list)  # the xdt command without the program
+    draw: int | None = None  # a search's draw and trial (None outside a search)
+    trial: int | None = None
 
 
 @dataclass
@@ -356,19 +470,23 @@ def plan(sweep: Sweep, runs_dir: str | Path | None = None, *, validate: bool = T
     for now: a sweep file or base config edited since would otherwise mix old and new runs.
     """
     sweep_dir = Path(runs_dir if runs_dir is not None else default_runs_dir()) / sweep.name
-    all_points = points(sweep)
-    varying = [k for k, v in sweep.grid.items() if len(v) > 1]
-    varying += list(sweep.random.params) if sweep.random is not None else []
-    varying.append("seed")
+    if sweep.search is not None:
+        all_points = search_points(sweep)
+    else:
+        varying = [k for k, v in sweep.grid.items() if len(v) > 1]
+        varying += list(sweep.random.params) if sweep.random is not None else []
+        varying.append("seed")
+        all_points = [Point(values, _slug(values, varying)) for values in points(sweep)]
     runs: list[PlannedRun] = []
     seen: set[str] = set()
-    for values in all_points:
+    for point in all_points:
+        values = point.values
         overrides = [*sweep.overrides, *(f"{k}={render_value(v)}" for k, v in values.items())]
         digest = run_hash(overrides)
         if digest in seen:  # a random draw that repeats another: the same run
             continue
         seen.add(digest)
-        name = f"{_slug(values, varying)}-{digest}"
+        name = f"{point.label}-{digest}"
         run_dir = sweep_dir / name
         action, found = _on_disk(run_dir)
         run = PlannedRun(
@@ -379,6 +497,8 @@ def plan(sweep: Sweep, runs_dir: str | Path | None = None, *, validate: bool = T
             log_path=sweep_dir / "logs" / f"{name}.log",
             action=action,
             found=found,
+            draw=point.draw,
+            trial=point.trial,
         )
         run.argv = _argv(sweep, sweep_dir, run)
         runs.append(run)
@@ -577,6 +697,7 @@ def _entry(run: PlannedRun) -> dict[str, Any]:
         "status": status,
         "run_dir": str(run.run_dir),
         "log": str(run.log_path),
+        **({"draw": run.draw, "trial": run.trial} if run.draw is not None else {}),
         "exit_code": None,
         "wall_time_s": None,
     }

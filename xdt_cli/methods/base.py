@@ -7,8 +7,9 @@ backward passes per step) sets `manual_optimization = True` and implements `manu
 which receives an `OptimizerStep`: the engine's optimizer, grad scaler, autocast and
 clipping, so that precision and `train.grad_clip` mean the same for every method.
 To add one, copy `erm.py`: set `name`, the `regimes` (subcommands) it serves, its `Config`
-(pydantic, with its paper's defaults) and `training_step`, then add the module to
-`methods/__init__.py`. `xdt methods` lists it and the parametrised tests run it.
+(pydantic, with its paper's defaults), its `search_space` (search.py) and `training_step`,
+then add the module to `methods/__init__.py`. `xdt methods` lists it and the parametrised
+tests run it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from torch import Tensor, nn
 
 from xdt_cli.data.stream import DomainBatch
 from xdt_cli.models import Classifier
+from xdt_cli.search import Param
 
-__all__ = ["DomainBatch", "Method", "MethodConfig", "OptimizerStep"]
+__all__ = ["DomainBatch", "Method", "MethodConfig", "OptimizerStep", "Param"]
 
 
 @dataclass
@@ -79,6 +81,10 @@ class Method(nn.Module):
     regimes: ClassVar[frozenset[str]]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     paper: ClassVar[str] = ""
+    # Its hyper-parameter search space: a key of `Config` -> its distribution (search.py),
+    # DomainBed's or its paper's where one exists; the shared keys (lr, batch size) are
+    # search.shared_space's. `xdt methods NAME` prints both; a sweep's `search:` draws them.
+    search_space: ClassVar[dict[str, Param]] = {}
     # True: the engine calls `manual_step` instead of `training_step` + backward + step
     manual_optimization: ClassVar[bool] = False
     # Images of the unlabelled target stream (transfer) per labelled image of a step: the

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from xdt_cli.methods import register
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import log10_uniform
 
 
 class BSSConfig(MethodConfig):
@@ -47,6 +48,11 @@ class BSS(Method):
     name = "bss"
     regimes = frozenset({"finetune"})
     Config = BSSConfig
+    search_space = {
+        "eta": log10_uniform(
+            -4, -2, name="bss_eta", source="xdt's own: a decade either side of the paper's 0.001"
+        ),
+    }
     paper = (
         "Chen, Wang, Fu, Long & Wang, Catastrophic Forgetting Meets Negative Transfer: "
         "Batch Spectral Shrinkage for Safe Transfer Learning, NeurIPS 2019"

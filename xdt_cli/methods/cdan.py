@@ -20,6 +20,7 @@ from xdt_cli.methods._shared_da import (
 )
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
 from xdt_cli.models import Classifier
+from xdt_cli.search import DOMAINBED, int_pow2_uniform, log10_uniform
 
 
 class CDANConfig(MethodConfig):
@@ -68,6 +69,14 @@ class CDAN(Method):
     name = "cdan"
     regimes = frozenset({"transfer"})
     Config = CDANConfig
+    search_space = {
+        "trade_off": log10_uniform(
+            -2, 2, name="lambda", source=f"{DOMAINBED}: DANN/CDANN lambda, the adversarial weight"
+        ),
+        "hidden_dim": int_pow2_uniform(
+            6, 10, name="mlp_width", source=f"{DOMAINBED}: DANN/CDANN mlp_width (the discriminator)"
+        ),
+    }
     paper = "Long et al., Conditional Adversarial Domain Adaptation, NeurIPS 2018"
 
     def __init__(self, model: Classifier, config: CDANConfig, *, total_steps: int = 1) -> None:

@@ -13,6 +13,7 @@ from xdt_cli.methods._shared_dg import (
     pairwise_penalty,
 )
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import DOMAINBED, log10_uniform
 
 
 class CORALConfig(MethodConfig):
@@ -33,6 +34,11 @@ class CORAL(Method):
     name = "coral"
     regimes = frozenset({"generalize"})
     Config = CORALConfig
+    search_space = {
+        "penalty_weight": log10_uniform(
+            -1, 1, name="mmd_gamma", source=f"{DOMAINBED}: CORAL mmd_gamma"
+        ),
+    }
     paper = "Sun & Saenko, Deep CORAL: Correlation Alignment for Deep Domain Adaptation, 2016"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:

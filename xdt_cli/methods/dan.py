@@ -13,6 +13,7 @@ from xdt_cli.methods._shared_da import (
     source_classification,
 )
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import DOMAINBED, log10_uniform
 
 
 class DANConfig(MethodConfig):
@@ -41,6 +42,11 @@ class DAN(Method):
     name = "dan"
     regimes = frozenset({"transfer"})
     Config = DANConfig
+    search_space = {
+        "trade_off": log10_uniform(
+            -1, 1, name="mmd_gamma", source=f"{DOMAINBED}: MMD mmd_gamma, the MMD weight"
+        ),
+    }
     paper = "Long et al., Learning Transferable Features with Deep Adaptation Networks, ICML 2015"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ from xdt_cli.methods._shared_da import (
 )
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
 from xdt_cli.models import Classifier
+from xdt_cli.search import DOMAINBED, int_pow2_uniform, log10_uniform
 
 
 class DANNConfig(MethodConfig):
@@ -46,6 +47,12 @@ class DANN(Method):
     name = "dann"
     regimes = frozenset({"transfer"})
     Config = DANNConfig
+    search_space = {
+        "trade_off": log10_uniform(-2, 2, name="lambda", source=f"{DOMAINBED}: DANN lambda"),
+        "hidden_dim": int_pow2_uniform(
+            6, 10, name="mlp_width", source=f"{DOMAINBED}: DANN mlp_width (the discriminator)"
+        ),
+    }
     paper = "Ganin et al., Domain-Adversarial Training of Neural Networks, JMLR 17(59), 2016"
 
     def __init__(self, model: Classifier, config: DANNConfig, *, total_steps: int = 1) -> None:

@@ -8,6 +8,7 @@ from torch import Tensor
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_da import coral_loss, forward_transfer, source_classification
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import DOMAINBED, log10_uniform
 
 
 class DeepCORALConfig(MethodConfig):
@@ -31,6 +32,11 @@ class DeepCORAL(Method):
     name = "deep_coral"
     regimes = frozenset({"transfer"})
     Config = DeepCORALConfig
+    search_space = {
+        "trade_off": log10_uniform(
+            -1, 1, name="mmd_gamma", source=f"{DOMAINBED}: CORAL mmd_gamma, the CORAL weight"
+        ),
+    }
     paper = (
         "Sun & Saenko, Deep CORAL: Correlation Alignment for Deep Domain Adaptation, "
         "ECCV 2016 Workshops"

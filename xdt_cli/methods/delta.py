@@ -17,6 +17,7 @@ from xdt_cli.methods import register
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
 from xdt_cli.methods.l2sp import head_from_source
 from xdt_cli.models import Classifier
+from xdt_cli.search import log10_uniform
 
 # The authors' code turns the loss increases into attention by softmax(z-score / 5).
 ATTENTION_TEMPERATURE = 5.0
@@ -171,6 +172,14 @@ class DELTA(Method):
     name = "delta"
     regimes = frozenset({"finetune"})
     Config = DELTAConfig
+    search_space = {
+        "alpha": log10_uniform(
+            -3, -1, name="delta_alpha", source="xdt's own: around the paper's alpha = 0.01"
+        ),
+        "beta": log10_uniform(
+            -3, -1, name="delta_beta", source="xdt's own: around the paper's beta = 0.01"
+        ),
+    }
     paper = (
         "Li, Xiong, Wang, Rao, Liu, Chen & Huan, DELTA: DEep Learning Transfer using Feature "
         "Map with Attention for Convolutional Networks, ICLR 2019"

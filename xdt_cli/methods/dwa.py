@@ -9,6 +9,7 @@ from torch import Tensor
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_mtl import MultiTaskMethod, TaskSpec
 from xdt_cli.methods.base import DomainBatch, MethodConfig
+from xdt_cli.search import log10_uniform
 
 
 class DWAConfig(MethodConfig):
@@ -49,6 +50,11 @@ class DWA(MultiTaskMethod):
 
     name = "dwa"
     Config = DWAConfig
+    search_space = {
+        "temperature": log10_uniform(
+            0, 1, name="dwa_temperature", source="xdt's own: 1 to 10 around the paper's T = 2"
+        ),
+    }
     paper = "Liu, Johns & Davison, End-to-End Multi-Task Learning with Attention, CVPR 2019"
 
     def setup_tasks(self, tasks: list[TaskSpec]) -> None:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_mtl import MultiTaskMethod, TaskSpec
 from xdt_cli.methods.base import DomainBatch, MethodConfig, OptimizerStep
+from xdt_cli.search import uniform
 
 
 class GradNormConfig(MethodConfig):
@@ -58,6 +59,11 @@ class GradNorm(MultiTaskMethod):
 
     name = "gradnorm"
     Config = GradNormConfig
+    search_space = {
+        "alpha": uniform(
+            0, 3, name="gradnorm_alpha", source="xdt's own: 0 to 3 around the paper's 1.5"
+        ),
+    }
     paper = (
         "Chen et al., GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep "
         "Multitask Networks, ICML 2018"

@@ -9,6 +9,7 @@ from torch import Tensor
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import forward_domains
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import DOMAINBED, log10_uniform
 
 
 class GroupDROConfig(MethodConfig):
@@ -31,6 +32,11 @@ class GroupDRO(Method):
     name = "groupdro"
     regimes = frozenset({"generalize"})
     Config = GroupDROConfig
+    search_space = {
+        "eta": log10_uniform(
+            -3, -1, name="groupdro_eta", source=f"{DOMAINBED}: GroupDRO groupdro_eta"
+        ),
+    }
     paper = "Sagawa et al., Distributionally Robust Neural Networks for Group Shifts, ICLR 2020"
 
     q: Tensor

@@ -14,6 +14,7 @@ from xdt_cli.methods._shared_dg import (
     weighted_cross_entropy,
 )
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import DOMAINBED, int_log10_uniform, log10_uniform
 
 
 class IRMConfig(MethodConfig):
@@ -62,6 +63,17 @@ class IRM(Method):
     name = "irm"
     regimes = frozenset({"generalize"})
     Config = IRMConfig
+    search_space = {
+        "penalty_weight": log10_uniform(
+            -1, 5, name="irm_lambda", source=f"{DOMAINBED}: IRM irm_lambda"
+        ),
+        "anneal_steps": int_log10_uniform(
+            0,
+            4,
+            name="irm_penalty_anneal_iters",
+            source=f"{DOMAINBED}: IRM irm_penalty_anneal_iters",
+        ),
+    }
     paper = "Arjovsky et al., Invariant Risk Minimization, arXiv:1907.02893, 2019"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:

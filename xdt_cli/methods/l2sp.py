@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from xdt_cli.methods import register
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
 from xdt_cli.models import Classifier
+from xdt_cli.search import log10_uniform
 
 
 class L2SPConfig(MethodConfig):
@@ -70,6 +71,14 @@ class L2SP(Method):
     name = "l2sp"
     regimes = frozenset({"finetune"})
     Config = L2SPConfig
+    search_space = {
+        "alpha": log10_uniform(
+            -3, 0, name="l2sp_alpha", source="xdt's own: around the paper's alpha = 0.1"
+        ),
+        "beta": log10_uniform(
+            -4, -1, name="l2sp_beta", source="xdt's own: around the paper's beta = 0.01"
+        ),
+    }
     paper = (
         "Li, Grandvalet & Davoine, Explicit Inductive Bias for Transfer Learning with "
         "Convolutional Networks, ICML 2018"

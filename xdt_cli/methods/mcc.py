@@ -14,6 +14,7 @@ from xdt_cli.methods._shared_da import (
     source_classification,
 )
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import log10_uniform, uniform
 
 
 class MCCConfig(MethodConfig):
@@ -54,6 +55,14 @@ class MCC(Method):
     name = "mcc"
     regimes = frozenset({"transfer"})
     Config = MCCConfig
+    search_space = {
+        "trade_off": log10_uniform(
+            -1, 1, name="mcc_trade_off", source="xdt's own: a decade either side of the paper's 1"
+        ),
+        "temperature": uniform(
+            1.5, 3.5, name="mcc_temperature", source="xdt's own: one either side of the paper's 2.5"
+        ),
+    }
     paper = "Jin et al., Minimum Class Confusion for Versatile Domain Adaptation, ECCV 2020"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ from torch import Tensor
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_mtl import MultiTaskMethod
 from xdt_cli.methods.base import DomainBatch, MethodConfig, OptimizerStep
+from xdt_cli.search import choice
 
 
 class MGDAConfig(MethodConfig):
@@ -106,6 +107,16 @@ class MGDA(MultiTaskMethod):
 
     name = "mgda"
     Config = MGDAConfig
+    search_space = {
+        "normalization": choice(
+            "none",
+            "l2",
+            "loss",
+            "loss+",
+            name="mgda_normalization",
+            source="Sener & Koltun's code (min_norm_solvers.gradient_normalizers): its four",
+        ),
+    }
     paper = "Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018"
     manual_optimization = True
 

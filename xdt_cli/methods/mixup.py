@@ -9,6 +9,7 @@ from torch import Tensor
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import labels_of, random_pairs, weighted_cross_entropy
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import DOMAINBED, log10_uniform
 
 
 class MixupConfig(MethodConfig):
@@ -31,6 +32,9 @@ class Mixup(Method):
     name = "mixup"
     regimes = frozenset({"generalize"})
     Config = MixupConfig
+    search_space = {
+        "alpha": log10_uniform(-1, 1, name="mixup_alpha", source=f"{DOMAINBED}: Mixup mixup_alpha"),
+    }
     paper = "Yan et al., Improve Unsupervised Domain Adaptation with Mixup Training, 2020"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:

@@ -10,6 +10,7 @@ from torch.func import functional_call
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import labels_of, random_pairs, weighted_cross_entropy
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig, OptimizerStep
+from xdt_cli.search import DOMAINBED, log10_uniform
 
 
 class MLDGConfig(MethodConfig):
@@ -61,6 +62,9 @@ class MLDG(Method):
     name = "mldg"
     regimes = frozenset({"generalize"})
     Config = MLDGConfig
+    search_space = {
+        "beta": log10_uniform(-1, 1, name="mldg_beta", source=f"{DOMAINBED}: MLDG mldg_beta"),
+    }
     paper = "Li et al., Learning to Generalize: Meta-Learning for Domain Generalization, AAAI 2018"
     manual_optimization = True
 

@@ -8,6 +8,7 @@ from torch import Tensor
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import forward_domains, gaussian_mmd, mean, pairwise_penalty
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import DOMAINBED, log10_uniform
 
 
 class MMDConfig(MethodConfig):
@@ -28,6 +29,11 @@ class MMD(Method):
     name = "mmd"
     regimes = frozenset({"generalize"})
     Config = MMDConfig
+    search_space = {
+        "penalty_weight": log10_uniform(
+            -1, 1, name="mmd_gamma", source=f"{DOMAINBED}: MMD mmd_gamma"
+        ),
+    }
     paper = "Li et al., Domain Generalization with Adversarial Feature Learning, CVPR 2018"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:

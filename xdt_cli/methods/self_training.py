@@ -10,6 +10,7 @@ from torch import Tensor
 from xdt_cli.augment import strong, weak
 from xdt_cli.methods import register
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import log10_uniform, uniform
 
 
 class SelfTrainingConfig(MethodConfig):
@@ -96,6 +97,17 @@ class SelfTraining(Method):
     name = "self_training"
     regimes = frozenset({"transfer"})
     Config = SelfTrainingConfig
+    search_space = {
+        "threshold": uniform(
+            0.8, 0.99, name="fixmatch_threshold", source="xdt's own: around FixMatch's 0.95"
+        ),
+        "unlabelled_weight": log10_uniform(
+            -1,
+            1,
+            name="fixmatch_lambda_u",
+            source="xdt's own: a decade either side of FixMatch's lambda_u = 1",
+        ),
+    }
     paper = (
         "Sohn et al., FixMatch: Simplifying Semi-Supervised Learning with Consistency and "
         "Confidence, NeurIPS 2020"

@@ -9,6 +9,7 @@ from torch import Tensor
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import forward_domains, penalty_schedule
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
+from xdt_cli.search import DOMAINBED, int_log10_uniform, log10_uniform
 
 
 class VRExConfig(MethodConfig):
@@ -41,6 +42,17 @@ class VREx(Method):
     name = "vrex"
     regimes = frozenset({"generalize"})
     Config = VRExConfig
+    search_space = {
+        "penalty_weight": log10_uniform(
+            -1, 5, name="vrex_lambda", source=f"{DOMAINBED}: VREx vrex_lambda"
+        ),
+        "anneal_steps": int_log10_uniform(
+            0,
+            4,
+            name="vrex_penalty_anneal_iters",
+            source=f"{DOMAINBED}: VREx vrex_penalty_anneal_iters",
+        ),
+    }
     paper = "Krueger et al., Out-of-Distribution Generalization via Risk Extrapolation, ICML 2021"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
