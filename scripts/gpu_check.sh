@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run on a machine with a CUDA GPU: the CUDA tests, then the quick start and the engine
-# overhead benchmark on the GPU. Writes logs into $OUT (or ./gpu_check) and prints a summary.
+# Run on a machine with a CUDA GPU: the CUDA tests (the 2-rank DDP one with 2+ GPUs), then
+# the quick start, the engine overhead benchmark and (2+ GPUs) 1 vs N ranks on the GPU.
+# Writes logs into $OUT (or ./gpu_check) and prints a summary.
 #
 # Where the machine's python3 already holds torch (a lent GPU machine with no network),
 # the missing pure-Python dependencies come from wheels in ./.whl (`pip download` them for
@@ -32,5 +33,13 @@ tests=${PIPESTATUS[0]}
   --runs-dir "$out/runs" > "$out/quickstart.json" 2> "$out/quickstart.err"
 echo "quickstart on cuda exit code: $?"
 "$py" benchmarks/overhead.py --device cuda 2>&1 | tee "$out/overhead.txt"
+# DistributedDataParallel on CUDA (NCCL): 1 rank against N = every GPU (at least 2)
+gpus=$(nvidia-smi -L | wc -l)
+if [ "$gpus" -ge 2 ]; then
+  "$py" benchmarks/ddp.py --device cuda --procs "$gpus" --threads 4 --seeds 0 \
+    2>&1 | tee "$out/ddp.txt"
+else
+  echo "one GPU: the N-rank DDP check needs 2 or more (NCCL: one rank per GPU)" | tee "$out/ddp.txt"
+fi
 echo "cuda tests exit code: $tests"
 exit "$tests"

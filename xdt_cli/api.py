@@ -116,6 +116,7 @@ def run_config(
         atomic_write_text(run.config_path, dump_config(cfg))
         precision = resolve_precision(cfg.train.precision, runtime.device)
         meta = make_meta(subcommand, str(runtime.device), precision, argv or sys.argv)
+        meta["processes"] = runtime.world_size  # torchrun: the ranks that trained it
         run.write_json(run.meta_path, meta)
         for file_name, content in experiment.run_files.items():
             run.write_json(path / file_name, content)
@@ -168,7 +169,8 @@ def resume_run(
         raise CheckpointError(f"{run.meta_path}: has no subcommand")
     cfg = load_config(run.config_path, subcommand=subcommand)
     runtime = Runtime.from_env(cfg.device)
-    run.lock()
+    if runtime.is_main:  # torchrun: rank 0 alone writes the folder; every rank reads last.pt
+        run.lock()
     resuming = run.last_ckpt.exists()
     experiment = build_experiment(subcommand, cfg, runtime, resuming=resuming)
     if (run.path / SINGLE_TASK_FILE).is_file():
@@ -177,9 +179,11 @@ def resume_run(
     if resuming:
         engine.resume_from(run.last_ckpt)
         reporter.message(f"resuming {run.path} at step {engine.step}/{cfg.train.steps}")
-    else:
+    elif runtime.is_main:
         run.best_ckpt.unlink(missing_ok=True)
         reporter.message(f"{run.path} has no last.pt yet: training from step 0")
+    if not runtime.is_main:
+        return _fit(engine, reporter, None), True
     run.truncate_metrics(engine.step)
     run.summary_path.unlink(missing_ok=True)
     meta.setdefault("resumed", []).append(
@@ -188,6 +192,7 @@ def resume_run(
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "step": engine.step,
             "device": str(runtime.device),
+            "processes": runtime.world_size,
         }
     )
     run.write_json(run.meta_path, meta)

@@ -153,6 +153,12 @@ def run_benchmark(
     from xdt_cli.sweeps import SweepReporter, load_sweep, plan, run_sweep
 
     sweeps = [load_sweep(path) for path in suite.sweeps]
+    for sweep in sweeps:  # a launcher: the suite would run here anyway: say so, do not ignore it
+        if sweep.launcher is not None and sweep.launcher.name == "slurm":
+            raise ConfigError(
+                f"{sweep.path}: launcher.name: slurm, but xdt benchmark runs its sweeps on this "
+                "machine; submit them with xdt sweep --launcher slurm"
+            )
     plans = [plan(sweep, runs_dir) for sweep in sweeps]  # validates every run up front
     started = time.perf_counter()
     results = []

@@ -26,8 +26,17 @@ _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "C
 
 
 def _err(line: str) -> None:
-    """One plain line on stderr (no rich wrapping: scripts read these lines)."""
-    print(line, file=sys.stderr, flush=True)
+    """One plain line on stderr (no rich wrapping: scripts read these lines); under torchrun
+    a rank other than 0 names itself (`rank 1: error: ...`)."""
+    print(f"rank {_rank()}: {line}" if _rank() else line, file=sys.stderr, flush=True)
+
+
+def _rank() -> int:
+    """This process's torchrun rank (0 outside torchrun): only rank 0 prints progress and
+    results; every rank prints its errors."""
+    from xdt_cli.runtime import env_rank
+
+    return env_rank()
 
 
 class _Group(TyperGroup):
@@ -118,7 +127,9 @@ def _guard(debug: bool, body: Callable[[], int]) -> None:
 
 
 def _finish(summary: dict[str, Any], as_json: bool) -> int:
-    if as_json:
+    if _rank() > 0:  # torchrun: rank 0 prints the result
+        pass
+    elif as_json:
         print(json.dumps(summary, indent=2))
     elif summary.get("run_dir"):
         print(summary["run_dir"])
@@ -194,7 +205,7 @@ def _start(
                 device=device,
                 seed=seed,
                 overwrite=overwrite,
-                reporter=Reporter(quiet=quiet),
+                reporter=Reporter(quiet=quiet or _rank() > 0),
                 argv=sys.argv,
             )
             return _finish(summary, as_json)
@@ -207,7 +218,7 @@ def _start(
             device=device,
             seed=seed,
             overwrite=overwrite,
-            reporter=Reporter(quiet=quiet),
+            reporter=Reporter(quiet=quiet or _rank() > 0),
             argv=sys.argv,
             single_task_baselines=baselines[0],
             baselines_dir=baselines[1],
@@ -445,7 +456,8 @@ def resume(
         from xdt_cli.api import resume_run
         from xdt_cli.progress import Reporter
 
-        summary, trained = resume_run(run_dir, reporter=Reporter(quiet=quiet), argv=sys.argv)
+        reporter = Reporter(quiet=quiet or _rank() > 0)
+        summary, trained = resume_run(run_dir, reporter=reporter, argv=sys.argv)
         if not trained:
             if summary.get("status") == "failed":
                 _err(f"error: {run_dir} failed ({summary.get('error', '')}); nothing to resume")
@@ -729,14 +741,72 @@ def sweep(
         Path, typer.Argument(help="YAML sweep file.", show_default=False, metavar="SWEEP")
     ],
     jobs: Annotated[
-        int, typer.Option("--jobs", "-j", min=1, help="Runs at once (they share the cores).")
-    ] = 1,
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Local launcher: runs at once, sharing the cores [default: 1].",
+        ),
+    ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print each run's xdt command; run nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print each run's xdt command (and Slurm's #SBATCH lines); run nothing.",
+        ),
+    ] = False,
+    launcher: Annotated[
+        str | None,
+        typer.Option(
+            "--launcher",
+            help="local: a process pool here [default]; slurm: one Slurm job array (submitit).",
+            show_default=False,
+        ),
+    ] = None,
+    partition: Annotated[
+        str | None, typer.Option("--partition", help="Slurm partition.", show_default=False)
+    ] = None,
+    time_min: Annotated[
+        int | None,
+        typer.Option(
+            "--time", min=1, help="Slurm: minutes per run [default: 60].", show_default=False
+        ),
+    ] = None,
+    gpus_per_run: Annotated[
+        int | None,
+        typer.Option(
+            "--gpus-per-run", min=0, help="Slurm: GPUs per run [default: 0].", show_default=False
+        ),
+    ] = None,
+    cpus_per_run: Annotated[
+        int | None,
+        typer.Option(
+            "--cpus-per-run",
+            min=1,
+            help="Slurm: CPUs (and torch threads) per run [default: 1].",
+            show_default=False,
+        ),
+    ] = None,
+    array_parallelism: Annotated[
+        int | None,
+        typer.Option(
+            "--array-parallelism", min=1, help="Slurm: array tasks at once.", show_default=False
+        ),
+    ] = None,
+    show_status: Annotated[
+        bool,
+        typer.Option(
+            "--status",
+            help="Each run's state (run folder, Slurm queue) and the counts; run nothing.",
+        ),
     ] = False,
     runs_dir: RunsDirOpt = None,
     quiet: QuietOpt = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print sweep.json on stdout.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print sweep.json (or the status, the submission) on stdout."),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run a config over a grid, random draws and seeds: one xdt process per run.
@@ -745,18 +815,60 @@ def sweep(
     summary of all runs to its sweep.json. Calling it again skips completed runs, resumes
     interrupted ones and reports failed ones. Exit 1 if a run failed.
 
+    With `--launcher slurm` (or `launcher: {name: slurm}` in the sweep file) the runs that are
+    not completed go to Slurm as one job array through submitit: it prints the job id and
+    returns; `--status` shows pending, running, done and failed runs; a run preempted or
+    timed out is requeued and resumes from its last.pt.
+
     Example: xdt sweep configs/sweeps/quickstart_seeds.yaml --jobs 2
+
+    Example: xdt sweep configs/sweeps/quickstart_lr.yaml --launcher slurm --time 30
+
+    Example: xdt sweep configs/sweeps/quickstart_lr.yaml --status --json
     """
 
     def body() -> int:
-        from xdt_cli import sweeps
+        from xdt_cli import launchers, sweeps
 
-        planned = sweeps.plan(sweeps.load_sweep(sweep_file), runs_dir)
+        loaded = sweeps.load_sweep(sweep_file)
+        flags = {
+            "partition": partition,
+            "time": time_min,
+            "gpus_per_run": gpus_per_run,
+            "cpus_per_run": cpus_per_run,
+            "array_parallelism": array_parallelism,
+        }
+        _, options = launchers.choose_launcher(loaded.launcher, launcher, flags)
+        if show_status:
+            if dry_run:
+                raise XdtError("--status: shows the sweep's state; it does not go with --dry-run")
+            result = launchers.status(sweeps.plan(loaded, runs_dir, validate=False))
+            if not quiet:
+                from xdt_cli.progress import stderr_console
+
+                launchers.print_status(result, stderr_console)
+            if as_json:
+                print(json.dumps(result, indent=2))
+            return 0
+        if options is not None and jobs is not None:
+            raise XdtError("--jobs: the local launcher's option; on Slurm use --array-parallelism")
+        planned = sweeps.plan(loaded, runs_dir)
+        if options is not None:
+            if dry_run:
+                print("\n".join(launchers.dry_run_lines(planned, options)))
+                return 0
+            reporter = sweeps.SweepReporter(quiet=quiet)
+            submitted = launchers.submit(planned, options, reporter=reporter)
+            if as_json:
+                print(json.dumps(submitted, indent=2))
+            elif submitted["job_id"] is not None:
+                print(submitted["job_id"])
+            return 0
         if dry_run:
             print("\n".join(sweeps.dry_run_lines(planned)))
             return 0
         reporter = sweeps.SweepReporter(quiet=quiet)
-        result = sweeps.run_sweep(planned, jobs=jobs, reporter=reporter)
+        result = sweeps.run_sweep(planned, jobs=jobs or 1, reporter=reporter)
         print(json.dumps(result, indent=2) if as_json else result["runs_dir"])
         code, lines = sweeps.outcome(result)
         for line in lines:

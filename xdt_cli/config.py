@@ -719,7 +719,16 @@ ScheduleConfig = Annotated[
 # --------------------------------------------------------------------------- train
 class TrainConfig(Strict):
     steps: int = Field(1000, gt=0, strict=True)
-    batch_size: int = Field(64, gt=0, strict=True)
+    batch_size: int = Field(
+        64,
+        gt=0,
+        strict=True,
+        description="images a step (per domain or task); under torchrun the global batch, "
+        "split evenly over the ranks, unless batch_size_per_rank",
+    )
+    batch_size_per_rank: bool = Field(
+        False, description="torchrun: batch_size is each rank's, the global batch N times it"
+    )
     eval_every: int = Field(
         200, gt=0, strict=True, description="evaluate and save last.pt every N steps"
     )

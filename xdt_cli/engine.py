@@ -31,6 +31,16 @@ the step (see data/stream.py).
 Loss values are summed on the device and read once per log step, not once per step, so the
 loop does not synchronise with a GPU on every step; the non-finite guard reads the same sums
 at every log step and before any checkpoint is written, so a NaN never reaches last.pt.
+
+Under torchrun (distributed.py) the method trains inside PyTorch's DistributedDataParallel
+(its `forward` is `training_step`), or, with manual optimisation, has its gradients averaged
+over ranks before its optimizer step; the logged sums are averaged over ranks, evaluation is
+sharded and all-reduced, rank 0's batch-norm statistics (and weight average) are broadcast
+before each evaluation so that every rank scores, and rank 0 saves, the same weights; a stop
+signal on any rank stops every rank after the same step; only rank 0 writes files. Every rank
+draws the same random numbers (the same seed, the same calls): a method's random choices
+(RLW's weights, PCGrad's order, Mixup's pairs) agree across ranks, the streams augment the
+whole global batch before keeping their share, and rank 0's RNG in last.pt is every rank's.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import contextlib
 import copy
 import functools
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
 from xdt_cli.config import (
     AdamConfig,
@@ -239,8 +251,21 @@ class Engine:
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = build_optimizer(cfg, groups)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg))
+        # torchrun: DDP averages the gradients of a method trained through `forward`; a
+        # manual method (several backward passes) gets them averaged by OptimizerStep
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        manual = self.method.manual_optimization
+        if runtime.world_size > 1:
+            distributed.broadcast_state(self.method)  # every rank starts from rank 0's weights
+            if not manual:
+                self.ddp = self._wrap()
         self.opt_step = OptimizerStep(
-            self.optimizer, self.scaler, self.autocast, self.params, cfg.train.grad_clip
+            self.optimizer,
+            self.scaler,
+            self.autocast,
+            self.params,
+            cfg.train.grad_clip,
+            average_gradients=runtime.world_size > 1 and manual,
         )
         # train.ema: the running average of the method's floating-point state
         self.ema: dict[str, Any] | None = None
@@ -256,6 +281,16 @@ class Engine:
         self.log_count = 0
         self.elapsed_before = 0.0
         self._signal: int | None = None
+
+    def _wrap(self) -> torch.nn.parallel.DistributedDataParallel:
+        """The method in DistributedDataParallel, which reduces the gradients of the
+        parameters that train when it is built (so it is built again when more are
+        released: gradual unfreezing)."""
+        return torch.nn.parallel.DistributedDataParallel(
+            self.method,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.method.unused_parameters,
+        )
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self, elapsed: float) -> dict[str, Any]:
@@ -340,10 +375,10 @@ class Engine:
                         early = self._evaluate_and_save(elapsed())
                         if early:
                             break
-                    if self._signal is not None:
+                    if self._stop_requested():
                         self._check_finite()
                         self._save_last(elapsed())
-                        raise RunInterrupted(self._signal, self.step)
+                        raise RunInterrupted(self._signal or signal.SIGTERM, self.step)
         except NonFiniteLoss as exc:
             status, error = "failed", str(exc)
         except RunInterrupted:
@@ -359,6 +394,8 @@ class Engine:
         due = [n for s, names in self.exp.unfreeze.items() if s <= self.step for n in names]
         if due and not all(self._model_params[n].requires_grad for n in due):
             release(self.method.model, due)
+            if self.ddp is not None:  # DDP reduces only what trained when it was built
+                self.ddp = self._wrap()
 
     def _train_step(self) -> dict[str, Tensor]:
         batch = []  # a multitask stream gives one batch per task of its inputs
@@ -369,7 +406,10 @@ class Engine:
             out = self.method.manual_step(batch, self.step, self.opt_step)
         else:
             with self.autocast:
-                out = self.method.training_step(batch, self.step)
+                if self.ddp is not None:  # Method.forward is training_step
+                    out = self.ddp(batch, self.step)
+                else:
+                    out = self.method.training_step(batch, self.step)
             self.opt_step.backward(out["loss"])
             self.opt_step.step()
         self.scheduler.step()
@@ -419,7 +459,17 @@ class Engine:
                 total.add_(value.detach())
         self.log_count += 1
 
+    def _stop_requested(self) -> bool:
+        """A stop signal here, or (torchrun) on any rank: every rank stops after this step."""
+        if self.runtime.world_size == 1:
+            return self._signal is not None
+        return distributed.any_(self._signal is not None, self.device)
+
     def _check_finite(self) -> None:
+        # torchrun: the window's sums become their mean over ranks (the whole batch's); a
+        # second reduction in one window changes nothing, as the reduced part is alike
+        for key in sorted(self.log_sums):
+            distributed.average_(self.log_sums[key])
         loss = self.log_sums.get("loss")
         if loss is not None and not torch.isfinite(loss).item():
             raise NonFiniteLoss(
@@ -442,6 +492,7 @@ class Engine:
     def _evaluate_and_save(self, elapsed: float) -> bool:
         """Evaluate, update best.pt and last.pt; return True when early stopping triggers."""
         self._check_finite()
+        self._align_ranks()
         with self._evaluated_weights():
             score = self.exp.evaluator
             if score is None:
@@ -471,6 +522,17 @@ class Engine:
         self.reporter.eval_row(self.step, metrics, sel.metric, improved)
         patience = self.cfg.train.early_stopping
         return patience is not None and self.bad_evals >= patience
+
+    def _align_ranks(self) -> None:
+        """torchrun: rank 0's batch-norm statistics (each rank updates its own from its
+        share) and weight average on every rank, so all score and rank 0 saves one model."""
+        if self.runtime.world_size == 1:
+            return
+        distributed.broadcast_state(self.method)
+        if self.ema is not None:
+            for value in self.ema.values():
+                if isinstance(value, Tensor):
+                    torch.distributed.broadcast(value, src=0)
 
     def _save_last(self, elapsed: float) -> None:
         if self.run is not None:

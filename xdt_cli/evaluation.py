@@ -5,6 +5,10 @@ evaluation scores the val and test splits of every domain, so that any selection
 recomputed later from metrics.jsonl alone. A split gives its batches through
 `split.batches(batch_size, device)`: in-memory tensors (uint8 made float per batch) or image
 files decoded by DataLoader workers, both through the domain's eval transforms.
+
+Under torchrun every rank scores its share of each split (`distributed.shard()`) and the
+sums (correct predictions, summed losses, counts) are all-reduced before dividing, so each
+number is that of the whole split, on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.data import FileSplit, Split
 from xdt_cli.methods.base import Method
 
@@ -29,16 +34,16 @@ def evaluate_split(
     autocast: AbstractContextManager,
     task: str | None = None,
 ) -> dict[str, float]:
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in split.batches(batch_size, device):
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # correct, summed loss
+    for x, y in split.batches(batch_size, device, distributed.shard()):
         with autocast:
             logits = method.predict(x, task)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
+        sums[0] += (logits.argmax(1) == y).sum()
+        sums[1] += F.cross_entropy(logits, y, reduction="sum").double()
+    correct, loss_sum = distributed.sum_(sums).tolist()
     n = max(len(split), 1)
-    return {"acc": correct.item() / n, "loss": loss_sum.item() / n}
+    return {"acc": correct / n, "loss": loss_sum / n}
 
 
 def evaluate(
@@ -87,7 +92,8 @@ def evaluate_tasks(
             for split_name in ("val", "test"):
                 sums = {t: torch.zeros(3, dtype=torch.float64, device=device) for t in group.tasks}
                 labels = {t: y.to(device) for t, y in group.labels[split_name].items()}
-                for x, idx in group.domain.splits[split_name].batches(batch_size, device):
+                split = group.domain.splits[split_name]
+                for x, idx in split.batches(batch_size, device, distributed.shard()):
                     with autocast:
                         outputs = method.predict_tasks(x, group.tasks)
                     for task in group.tasks:
@@ -95,7 +101,7 @@ def evaluate_tasks(
                             specs[task], outputs[task].float(), labels[task][idx]
                         )
                 for task in group.tasks:
-                    count, first, second = sums[task].tolist()
+                    count, first, second = distributed.sum_(sums[task]).tolist()
                     names = ("mse", "mae") if specs[task] == "mse" else ("acc", "loss")
                     n = max(count, 1.0)
                     metrics[f"{task}/{split_name}/{names[0]}"] = first / n

@@ -46,6 +46,7 @@ def method_rows() -> list[dict[str, Any]]:
             "defaults": cls.Config().model_dump(mode="json"),
             "paper": cls.paper,
             "description": (cls.__doc__ or "").strip().splitlines()[0],
+            "torchrun": cls.synchronised,
             "origin": origin("methods", cls.name),
         }
         for cls in METHODS.values()
@@ -100,6 +101,7 @@ def print_method(detail: dict[str, Any]) -> None:
     console.print(detail["description"], markup=False)
     console.print(f"paper: {detail['paper']}", markup=False)
     console.print(f"defaults: {_cell(detail['defaults'])}", markup=False)
+    console.print(f"under torchrun, synchronised: {detail['torchrun']}", markup=False)
     own = detail["search_space"] or [{"key": "-", "default": "-", "distribution": "-"}]
     print_table(f"search space of {detail['name']} (draw 0: the defaults)", own)
     print_table(
@@ -139,7 +141,7 @@ def _cell(value: Any) -> str:
 def print_table(title: str, rows: list[dict[str, Any]]) -> None:
     table = Table(title=title, title_justify="left", show_lines=True)
     # descriptions and per-domain split sizes are too wide for a table: --json has them
-    columns = [k for k in rows[0] if k not in ("description", "splits")] if rows else []
+    columns = [k for k in rows[0] if k not in ("description", "splits", "torchrun")] if rows else []
     for column in columns:
         table.add_column(column)
     for row in rows:

@@ -160,13 +160,21 @@ def _train_stream(
     (`batch_ratio` times train.batch_size images a step)."""
     return make_stream(
         domain.splits["train"],
-        batch_size=cfg.train.batch_size * batch_ratio,
+        batch_size=global_batch(cfg, runtime) * batch_ratio,
         seed=cfg.seed,
         domain=domain.name,
         device=runtime.device,
         labelled=labelled,
         weight=weight,
+        shard=runtime.shard,
     )
+
+
+def global_batch(cfg: ExperimentConfig, runtime: Runtime) -> int:
+    """Images of a domain a step over all ranks: train.batch_size, or N times it with
+    train.batch_size_per_rank under torchrun (one process: the same)."""
+    per_rank = cfg.train.batch_size_per_rank
+    return cfg.train.batch_size * (runtime.world_size if per_rank else 1)
 
 
 @dataclass
@@ -417,7 +425,13 @@ def _build_multitask(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool)
     method.setup_tasks(specs)
     method.to(runtime.device)
     streams = [
-        TaskStream(g, batch_size=cfg.train.batch_size, seed=cfg.seed, device=runtime.device)
+        TaskStream(
+            g,
+            batch_size=global_batch(cfg, runtime),
+            seed=cfg.seed,
+            device=runtime.device,
+            shard=runtime.shard,
+        )
         for g in groups
     ]
     kinds = {t.name: t.loss for t in specs}

@@ -1,8 +1,9 @@
 """The one place that decides the device, this process's rank, and whether it writes files.
 
 Everything else asks a `Runtime`. Under torchrun the environment carries RANK, WORLD_SIZE
-and LOCAL_RANK; `Runtime.from_env` reads them, so a multi-process launch changes this module
-and the engine's gradient reduction, not every caller. Today a run is one process.
+and LOCAL_RANK; `Runtime.from_env` reads them and joins the process group (gloo on the CPU,
+NCCL on CUDA, each rank on cuda:LOCAL_RANK), so a multi-process launch changes this module,
+the streams' shares and the engine's gradient reduction (distributed.py), not every caller.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from xdt_cli.distributed import Shard
 from xdt_cli.errors import ConfigError
 
 
@@ -31,15 +34,44 @@ class Runtime:
         """Only the main process writes the run folder and prints."""
         return self.rank == 0
 
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.rank, self.world_size)
+
     @classmethod
     def from_env(cls, device: str) -> Runtime:
+        """One process, or this rank of a torchrun launch (joining its process group once)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size != 1:
-            raise ConfigError(
-                f"WORLD_SIZE={world_size}: xdt trains one process per run; "
-                "launch it without torchrun"
-            )
-        return cls(device=resolve_device(device))
+        if world_size == 1:
+            return cls(device=resolve_device(device))
+        rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+        resolved = _rank_device(device, local_rank)
+        if not dist.is_initialized():
+            backend = "nccl" if resolved.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+        if dist.get_world_size() != world_size:
+            raise ConfigError(f"WORLD_SIZE={world_size} but the process group has another size")
+        return cls(device=resolved, rank=rank, world_size=world_size)
+
+
+def env_rank() -> int:
+    """This process's rank under torchrun (RANK), 0 outside it: known before any setup, so
+    the CLI can keep ranks other than 0 quiet."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _rank_device(spec: str, local_rank: int) -> torch.device:
+    """Under torchrun each rank takes cuda:LOCAL_RANK (`auto` or `cuda`), or the CPU."""
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if spec not in ("auto", "cuda"):
+        raise ConfigError(
+            f"device: '{spec}' under torchrun: each rank takes cuda:LOCAL_RANK; use auto, cuda "
+            "or cpu (CUDA_VISIBLE_DEVICES chooses the GPUs)"
+        )
+    device = resolve_device(f"cuda:{local_rank}")
+    torch.cuda.set_device(device)
+    return device
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -15,6 +15,10 @@ random:                      # optional: n draws from numpy.random.default_rng(s
     optim.weight_decay: {loguniform: [1.0e-6, 1.0e-3]}  # {loguniform: [lo, hi]},
                              # {randint: [lo, hi]} (both ends included)
 seeds: [0, 1]                # default [0]; each run gets seed=S
+launcher:                    # optional: where the runs go (flags of the same name win)
+  name: slurm                # local (default: the process pool below) | slurm (launchers.py)
+  partition: gpu             # Slurm only: partition, time (minutes per run), gpus_per_run,
+  time: 60                   # cpus_per_run, array_parallelism
 ```
 Runs = grid points (crossed with the random draws when both are given) x seeds.
 
@@ -44,7 +48,7 @@ failed ones alone (they are reported; delete the folder to run one again).
 
 `load_sweep` reads a sweep file, `plan` expands it and validates every run's config
 in-process before anything starts, `run_sweep` runs the plan N processes at a time and
-writes `<runs-dir>/<name>/sweep.json`.
+writes `<runs-dir>/<name>/sweep.json`; launchers.py submits the same plan to Slurm instead.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -161,6 +165,25 @@ class SearchSpec(_Strict):
     )
 
 
+class LauncherSpec(_Strict):
+    """Where the runs go: the local process pool, or a Slurm job array (launchers.py).
+
+    Every key may be left out; command-line flags of the same name override the file. The
+    Slurm keys may sit under `name: local` too, so that `--launcher slurm` alone switches.
+    """
+
+    name: Literal["local", "slurm"] = Field("local", description="local | slurm")
+    partition: str | None = Field(
+        None, min_length=1, description="Slurm partition (default: the cluster's default)"
+    )
+    time: int | None = Field(None, gt=0, strict=True, description="minutes per run (Slurm)")
+    gpus_per_run: int | None = Field(None, ge=0, strict=True, description="GPUs per run (Slurm)")
+    cpus_per_run: int | None = Field(None, gt=0, strict=True, description="CPUs per run (Slurm)")
+    array_parallelism: int | None = Field(
+        None, gt=0, strict=True, description="array tasks at once (Slurm)"
+    )
+
+
 class SweepFile(_Strict):
     """The schema of a sweep file; every level forbids unknown keys."""
 
@@ -180,6 +203,9 @@ class SweepFile(_Strict):
         False,
         description="multitask: run with --single-task-baselines, the baselines kept in "
         "<runs-dir>/single_task and so shared by every sweep of that runs folder",
+    )
+    launcher: LauncherSpec | None = Field(
+        None, description="local or slurm, and the Slurm settings (flags override them)"
     )
 
     @model_validator(mode="after")
@@ -207,6 +233,7 @@ class Sweep:
     seeds: tuple[int, ...]
     single_task_baselines: bool = False
     search: SearchSpec | None = None
+    launcher: LauncherSpec | None = None
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -276,6 +303,7 @@ def load_sweep(path: str | Path) -> Sweep:
         seeds=tuple(spec.seeds),
         single_task_baselines=spec.single_task_baselines,
         search=spec.search,
+        launcher=spec.launcher,
     )
 
 
@@ -488,7 +516,7 @@ def plan(sweep: Sweep, runs_dir: str | Path | None = None, *, validate: bool = T
         seen.add(digest)
         name = f"{point.label}-{digest}"
         run_dir = sweep_dir / name
-        action, found = _on_disk(run_dir)
+        action, found = on_disk(run_dir)
         run = PlannedRun(
             name=name,
             values=values,
@@ -508,7 +536,10 @@ def plan(sweep: Sweep, runs_dir: str | Path | None = None, *, validate: bool = T
     return result
 
 
-def _on_disk(run_dir: Path) -> tuple[str, str | None]:
+def on_disk(run_dir: Path) -> tuple[str, str | None]:
+    """(what to do with a run folder, what is in it): ("start", None) for none yet,
+    ("restart", "incomplete"), ("resume", "killed" | "interrupted" | ...), ("skip", "completed"
+    | "failed"). The plan asks it once; a Slurm task asks it again when it (re)starts."""
     if not run_dir.exists():
         return "start", None
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "meta.json").is_file():

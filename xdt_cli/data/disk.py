@@ -32,6 +32,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from xdt_cli.config import LoaderConfig
 from xdt_cli.data.stream import DomainBatch, check_batch_size, epoch_permutation
 from xdt_cli.data.transforms import Pipeline
+from xdt_cli.distributed import Shard
 from xdt_cli.errors import ConfigError
 
 _OPEN: weakref.WeakSet[Any] = weakref.WeakSet()  # streams and splits with loaders
@@ -130,12 +131,15 @@ def _sample_seeds(seed: int, step: int, count: int) -> list[int]:
 
 
 class _StepBatches:
-    """The batch sampler of a FileStream: from step `start` on, forever."""
+    """The batch sampler of a FileStream: from step `start` on, forever. Under torchrun a
+    rank loads its share of each global batch, with the samples' own augmentation seeds: the
+    union over ranks is exactly the one-process batch."""
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, shard: Shard = Shard()) -> None:
         self.size = size
         self.batch_size = batch_size
         self.seed = seed
+        self.shard = shard
         self.start = 0
         self.batches_per_epoch = size // batch_size
 
@@ -151,7 +155,8 @@ class _StepBatches:
                 perm = epoch_permutation(self.seed, epoch, self.size)
             assert perm is not None
             seeds = _sample_seeds(self.seed, step, self.batch_size)
-            yield list(zip(self.indices(step, perm), seeds, strict=True))
+            batch = list(zip(self.indices(step, perm), seeds, strict=True))
+            yield self.shard.part(batch, self.batch_size)
             step += 1
 
 
@@ -183,9 +188,12 @@ class FileSplit:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-        """(x, y) on `device` in file order, x through the eval transforms (float32)."""
-        loader = self._eval_loader(batch_size, device)
+    def batches(
+        self, batch_size: int, device: torch.device, shard: Shard = Shard()
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x, y) on `device` in file order, x through the eval transforms (float32); under
+        torchrun (`shard`) only this rank's contiguous share of the files, read by its workers."""
+        loader = self._eval_loader(batch_size, device, shard)
         non_blocking = loader.pin_memory
         batches = iter(loader)
         del loader
@@ -199,13 +207,14 @@ class FileSplit:
             x, y, _ = out
             yield x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
 
-    def _eval_loader(self, batch_size: int, device: torch.device) -> DataLoader:
-        cache_key = (batch_size, str(device))
+    def _eval_loader(self, batch_size: int, device: torch.device, shard: Shard) -> DataLoader:
+        cache_key = (batch_size, str(device), shard)
         loader = self._eval_loaders.get(cache_key)
         if loader is None:
+            first, stop = shard.span(len(self))
             chunks = [
-                [(i, 0) for i in range(start, min(start + batch_size, len(self)))]
-                for start in range(0, len(self), batch_size)
+                [(i, 0) for i in range(start, min(start + batch_size, stop))]
+                for start in range(first, stop, batch_size)
             ]
             dataset = _ImageFiles(self.files, self.y.tolist(), self.eval_transform)
             loader = DataLoader(
@@ -229,6 +238,7 @@ class FileSplit:
         labelled: bool,
         task: str | None,
         weight: Tensor | None = None,
+        shard: Shard = Shard(),
     ) -> FileStream:
         return FileStream(
             self,
@@ -239,6 +249,7 @@ class FileSplit:
             labelled=labelled,
             task=task,
             weight=weight,
+            shard=shard,
         )
 
 
@@ -260,8 +271,9 @@ class FileStream:
         labelled: bool = True,
         task: str | None = None,
         weight: Tensor | None = None,
+        shard: Shard = Shard(),
     ) -> None:
-        check_batch_size(len(split), batch_size, domain)
+        check_batch_size(len(split), batch_size, domain, shard)
         self.size = len(split)
         self.weight = weight.to(device) if weight is not None else None
         self.batch_size = batch_size
@@ -272,7 +284,7 @@ class FileStream:
         self.labelled = labelled
         self.key = split.key
         self.batches_per_epoch = self.size // batch_size
-        self._sampler = _StepBatches(self.size, batch_size, seed)
+        self._sampler = _StepBatches(self.size, batch_size, seed, shard)
         dataset = _ImageFiles(split.files, split.y.tolist(), split.train_transform)
         self._loader_kwargs = _loader_kwargs(split.loader, device)
         self._loader = DataLoader(dataset, batch_sampler=self._sampler, **self._loader_kwargs)

@@ -29,6 +29,7 @@ from xdt_cli.data.disk import FileSplit, image_shape
 from xdt_cli.data.splits import labelled_subset, stratified_split
 from xdt_cli.data.stream import InMemoryStream
 from xdt_cli.data.transforms import Pipeline, build_pipelines
+from xdt_cli.distributed import Shard
 from xdt_cli.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -125,11 +126,16 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-        """(x, y) on `device` in order, x through the eval transforms (float32)."""
-        for start in range(0, len(self), batch_size):
-            x = self.x[start : start + batch_size].to(device, non_blocking=True)
-            y = self.y[start : start + batch_size].to(device, non_blocking=True)
+    def batches(
+        self, batch_size: int, device: torch.device, shard: Shard = Shard()
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """(x, y) on `device` in order, x through the eval transforms (float32); under
+        torchrun (`shard`) only this rank's contiguous share of the samples."""
+        first, stop = shard.span(len(self))
+        for start in range(first, stop, batch_size):
+            end = min(start + batch_size, stop)
+            x = self.x[start:end].to(device, non_blocking=True)
+            y = self.y[start:end].to(device, non_blocking=True)
             yield self.eval_transform(x), y
 
     def stream(
@@ -142,6 +148,7 @@ class Split:
         labelled: bool,
         task: str | None,
         weight: Tensor | None = None,
+        shard: Shard = Shard(),
     ) -> InMemoryStream:
         return InMemoryStream(
             self.x,
@@ -153,6 +160,7 @@ class Split:
             task=task,
             transform=self.train_transform,
             weight=weight,
+            shard=shard,
         )
 
 

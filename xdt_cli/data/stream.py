@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from xdt_cli.distributed import Shard
 from xdt_cli.errors import ConfigError
 
 
@@ -44,17 +45,25 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> Tensor:
     return torch.randperm(size, generator=gen)
 
 
-def check_batch_size(size: int, batch_size: int, domain: str) -> None:
+def check_batch_size(size: int, batch_size: int, domain: str, shard: Shard = Shard()) -> None:
     if size < batch_size:
         raise ConfigError(
             f"train.batch_size: {batch_size} is larger than the {size} training samples "
             f"of domain '{domain}'"
         )
+    if batch_size % shard.world:
+        raise ConfigError(
+            f"train.batch_size: the global batch of {batch_size} images of '{domain}' does not "
+            f"split evenly over {shard.world} processes; use a multiple of {shard.world}, or "
+            "train.batch_size_per_rank: true"
+        )
 
 
 class InMemoryStream:
     """Batches cut from tensors held on the device; `transform` (the split's train
-    transforms) runs on each batch, with the global RNG, which checkpoints restore."""
+    transforms) runs on each batch, with the global RNG, which checkpoints restore. Under
+    torchrun (`shard`) each rank transforms the same global batch and keeps its contiguous
+    share, so the shares are exactly the one-process batch."""
 
     def __init__(
         self,
@@ -68,8 +77,10 @@ class InMemoryStream:
         task: str | None = None,
         transform: Any = None,
         weight: Tensor | None = None,
+        shard: Shard = Shard(),
     ) -> None:
-        check_batch_size(len(x), batch_size, domain)
+        check_batch_size(len(x), batch_size, domain, shard)
+        self.shard = shard
         self.x = x.to(device)
         self.y = y.to(device) if y is not None else None
         self.weight = weight.to(device) if weight is not None else None
@@ -92,9 +103,13 @@ class InMemoryStream:
     def batch(self, step: int) -> DomainBatch:
         epoch, i = divmod(step, self.batches_per_epoch)
         idx = self._permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
-        y = self.y[idx] if self.y is not None else None
         x = self.x[idx]
-        x = self.transform(x) if self.transform is not None else x
+        if self.transform is not None:
+            # the whole global batch, as one process would, then this rank's share: every
+            # rank draws the same random numbers, and the shares join into the same batch
+            x = self.transform(x)
+        x, idx = self.shard.part(x, self.batch_size), self.shard.part(idx, self.batch_size)
+        y = self.y[idx] if self.y is not None else None
         weight = self.weight[idx] if self.weight is not None else None
         return DomainBatch(x=x, y=y, domain=self.domain, task=self.task, weight=weight)
 
@@ -117,10 +132,12 @@ def make_stream(
     labelled: bool = True,
     task: str | None = None,
     weight: Tensor | None = None,
+    shard: Shard = Shard(),
 ) -> Any:
     """The training stream of one split (in memory or image files); `labelled=False` drops
     the labels (y is None); `weight` (per sample, indexed like the split) rides along in
-    every batch. Every stream has `batch(step) -> DomainBatch` and `state_dict()`."""
+    every batch; `shard`: this rank's share of each global batch of `batch_size` (torchrun).
+    Every stream has `batch(step) -> DomainBatch` and `state_dict()`."""
     options: dict[str, Any] = {
         "batch_size": batch_size,
         "seed": seed,
@@ -128,6 +145,7 @@ def make_stream(
         "device": device,
         "labelled": labelled,
         "task": task,
+        "shard": shard,
     }
     if weight is not None:
         if len(weight) != len(split):

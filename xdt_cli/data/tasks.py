@@ -32,6 +32,7 @@ from xdt_cli.config import TASK_KEYS, DomainConfig, TaskConfig
 from xdt_cli.data.disk import FileSplit
 from xdt_cli.data.registry import Domain, Split, get_spec, load_configured_domain
 from xdt_cli.data.stream import DomainBatch, make_stream
+from xdt_cli.distributed import Shard
 from xdt_cli.errors import ConfigError
 
 GENERIC_LABELS = ("class", "parity")
@@ -169,7 +170,13 @@ class TaskStream:
     all with the same `x` tensor, each with its task's labels."""
 
     def __init__(
-        self, group: TaskGroup, *, batch_size: int, seed: int, device: torch.device
+        self,
+        group: TaskGroup,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        shard: Shard = Shard(),
     ) -> None:
         self.group = group
         self.inner = make_stream(
@@ -178,6 +185,7 @@ class TaskStream:
             seed=seed,
             domain=group.name,
             device=device,
+            shard=shard,
         )
         self.labels = {t: y.to(device) for t, y in group.labels["train"].items()}
 

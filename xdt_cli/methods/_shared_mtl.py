@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xdt_cli import distributed
 from xdt_cli.data.tasks import TaskSpec
 from xdt_cli.methods.base import DomainBatch, Method, OptimizerStep
 
@@ -93,6 +94,14 @@ class MultiTaskMethod(Method):
             name = self._task_of(b)
             assert b.y is not None  # every multitask stream is labelled (masks mark gaps)
             losses[name], counts[name] = task_loss(kinds[name], outputs[name], b.y)
+        if distributed.world() > 1:
+            # torchrun: a task's loss is the mean over the labelled samples of the whole
+            # global batch; each rank's mean is scaled by its share of them, so that the mean
+            # over ranks (DDP's, the logged one) is exactly that, however labels are spread
+            local = torch.stack([counts[t] for t in losses]).float()
+            total = distributed.sum_(local.clone())
+            for i, name in enumerate(losses):
+                losses[name] = losses[name] * (local[i] * distributed.world() / total[i].clamp(1))
         return losses, counts
 
     def task_losses(self, batch: list[DomainBatch]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -134,6 +143,13 @@ class MultiTaskMethod(Method):
     def shared_parameters(self) -> list[nn.Parameter]:
         return self.model.shared_parameters()
 
+    def labelled_tasks(self, counts: dict[str, Tensor]) -> list[str]:
+        """The tasks with a labelled sample in the step's batch (torchrun: on any rank, so
+        that every rank computes the same gradients and collectives)."""
+        names = self.task_names
+        labelled = distributed.sum_(torch.stack([counts[t] for t in names]).float())
+        return [t for t, n in zip(names, labelled.tolist(), strict=True) if n > 0]
+
     def task_gradients(
         self, losses: dict[str, Tensor], opt: OptimizerStep, params: list[nn.Parameter]
     ) -> dict[str, Tensor]:
@@ -151,6 +167,7 @@ class MultiTaskMethod(Method):
                     for g, p in zip(parts, params, strict=True)
                 ]
             )
+            distributed.average_(grads[name])  # torchrun: the whole global batch's gradient
         return grads
 
 

@@ -59,6 +59,10 @@ class AdaBN(SourceOnly):
     """
 
     name = "adabn"
+    synchronised = (
+        "the gradients; the target batch-norm statistics are rank 0's (from its share of each "
+        "target batch, broadcast by DDP), not the whole global batch's"
+    )
     paper = (
         "Li, Wang, Shi, Hou & Liu, Revisiting Batch Normalization For Practical Domain "
         "Adaptation, Pattern Recognition 80, 2018 (arXiv 1603.04779)"

@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from xdt_cli import distributed
 from xdt_cli.data.stream import DomainBatch
 from xdt_cli.models import Classifier
 from xdt_cli.search import Param
@@ -45,6 +46,9 @@ class OptimizerStep:
     autocast: contextlib.AbstractContextManager
     params: list[nn.Parameter]
     grad_clip: float | None = None
+    # torchrun, manual methods: average the gradients over ranks before stepping (what
+    # DistributedDataParallel does for the others); idempotent on already-averaged ones
+    average_gradients: bool = False
 
     def scale(self, loss: Tensor) -> Tensor:
         return self.scaler.scale(loss)
@@ -56,6 +60,8 @@ class OptimizerStep:
         self.scaler.scale(loss).backward()
 
     def step(self) -> None:
+        if self.average_gradients:
+            distributed.average_gradients(self.params)
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -87,6 +93,15 @@ class Method(nn.Module):
     search_space: ClassVar[dict[str, Param]] = {}
     # True: the engine calls `manual_step` instead of `training_step` + backward + step
     manual_optimization: ClassVar[bool] = False
+    # torchrun (distributed.py): what N ranks share beyond DDP's averaged gradients, in words;
+    # `xdt methods NAME` prints it
+    synchronised: ClassVar[str] = (
+        "the gradients (DistributedDataParallel's mean over ranks); every loss term is a mean "
+        "over samples, so N ranks give one process's gradient on the same global batch"
+    )
+    # torchrun: True when a training step may leave a trainable parameter without a gradient
+    # (DistributedDataParallel must then search the graph for it, find_unused_parameters)
+    unused_parameters: ClassVar[bool] = False
     # Images of the unlabelled target stream (transfer) per labelled image of a step: the
     # transfer regime's target batch is train.batch_size times this (FixMatch's mu)
     unlabelled_batch_ratio: int = 1
@@ -106,6 +121,11 @@ class Method(nn.Module):
         target (y is None: no target label ever reaches a transfer method)].
         """
         raise NotImplementedError
+
+    def forward(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
+        """`training_step`: under torchrun, DistributedDataParallel wraps the method and
+        calls this, so that its gradient reduction sees the whole step."""
+        return self.training_step(batch, step)
 
     def setup_domains(self, domains: list[str]) -> None:
         """Called by the regime with the training streams' domain names, in batch order,

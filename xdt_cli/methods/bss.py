@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
 from xdt_cli.search import log10_uniform
@@ -53,6 +54,10 @@ class BSS(Method):
             -4, -2, name="bss_eta", source="xdt's own: a decade either side of the paper's 0.001"
         ),
     }
+    synchronised = (
+        "the gradients, and the features are gathered from every rank: the singular values "
+        "are the global batch's, exactly one process's"
+    )
     paper = (
         "Chen, Wang, Fu, Long & Wang, Catastrophic Forgetting Meets Negative Transfer: "
         "Batch Spectral Shrinkage for Safe Transfer Learning, NeurIPS 2019"
@@ -63,7 +68,8 @@ class BSS(Method):
         features = self.model.features(target.x)
         logits = self.model.head(features)
         cls_loss = F.cross_entropy(logits, target.y)
-        bss_loss = batch_spectral_shrinkage(features, self.config.k)
+        # torchrun: the singular values of the whole global batch's feature matrix
+        bss_loss = batch_spectral_shrinkage(distributed.gather(features), self.config.k)
         loss = cls_loss + self.config.eta * bss_loss
         acc = (logits.detach().argmax(1) == target.y).float().mean()
         return {

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_da import (
     DomainDiscriminator,
@@ -77,6 +78,11 @@ class CDAN(Method):
             6, 10, name="mlp_width", source=f"{DOMAINBED}: DANN/CDANN mlp_width (the discriminator)"
         ),
     }
+    synchronised = (
+        "the gradients; CDAN+E's entropy weights are normalised by the global batch's mean; "
+        "the discriminator's batch-norm layers normalise each rank's share (DDP's default), "
+        "so N ranks are close to, not exactly, one process"
+    )
     paper = "Long et al., Conditional Adversarial Domain Adaptation, NeurIPS 2018"
 
     def __init__(self, model: Classifier, config: CDANConfig, *, total_steps: int = 1) -> None:
@@ -115,8 +121,9 @@ class CDAN(Method):
         weight_s = weight_t = None
         if self.config.entropy:
             weight = 1.0 + torch.exp(-entropy(probs))
-            weight_s = weight[:n] / weight[:n].mean()
-            weight_t = weight[n:] / weight[n:].mean()
+            # torchrun: normalised by the whole global batch's mean weight of each domain
+            weight_s = weight[:n] / distributed.average_(weight[:n].mean())
+            weight_t = weight[n:] / distributed.average_(weight[n:].mean())
         transfer_loss, domain_acc = domain_adversarial_loss(
             domain_logits[:n], domain_logits[n:], weight_s, weight_t
         )

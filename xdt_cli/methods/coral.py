@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import (
     coral_distance,
@@ -39,12 +40,18 @@ class CORAL(Method):
             -1, 1, name="mmd_gamma", source=f"{DOMAINBED}: CORAL mmd_gamma"
         ),
     }
+    synchronised = (
+        "the gradients, and each domain's features are gathered from every rank: the CORAL "
+        "penalty is the global batch's, exactly one process's"
+    )
     paper = "Sun & Saenko, Deep CORAL: Correlation Alignment for Deep Domain Adaptation, 2016"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
         out = forward_domains(self.model, batch)
         nll = mean(out.risks())
-        penalty = pairwise_penalty(out.features, coral_distance)
+        # torchrun: the covariances of the whole global batch (every rank's features)
+        features = [distributed.gather(f) for f in out.features]
+        penalty = pairwise_penalty(features, coral_distance)
         return {
             "loss": nll + self.config.penalty_weight * penalty,
             "nll": nll.detach(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_da import (
     DAN_KERNEL_MULTIPLIERS,
@@ -47,12 +48,18 @@ class DAN(Method):
             -1, 1, name="mmd_gamma", source=f"{DOMAINBED}: MMD mmd_gamma, the MMD weight"
         ),
     }
+    synchronised = (
+        "the gradients, and the source and target features are gathered from every rank: the "
+        "MK-MMD is the global batch's, exactly one process's"
+    )
     paper = "Long et al., Learning Transferable Features with Deep Adaptation Networks, ICML 2015"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
         out = forward_transfer(self.model, batch)
         cls_loss, acc = source_classification(out)
-        transfer_loss = mk_mmd(out.features_s, out.features_t, self.config.kernel_multipliers)
+        # torchrun: the kernel over the whole global batch (every rank's features)
+        fs, ft = distributed.gather(out.features_s), distributed.gather(out.features_t)
+        transfer_loss = mk_mmd(fs, ft, self.config.kernel_multipliers)
         loss = cls_loss + self.config.trade_off * transfer_loss
         return {
             "loss": loss,

@@ -53,6 +53,10 @@ class DANN(Method):
             6, 10, name="mlp_width", source=f"{DOMAINBED}: DANN mlp_width (the discriminator)"
         ),
     }
+    synchronised = (
+        "the gradients; the discriminator's batch-norm layers normalise each rank's share "
+        "(DDP's default), so N ranks are close to, not exactly, one process"
+    )
     paper = "Ganin et al., Domain-Adversarial Training of Neural Networks, JMLR 17(59), 2016"
 
     def __init__(self, model: Classifier, config: DANNConfig, *, total_steps: int = 1) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_da import coral_loss, forward_transfer, source_classification
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
@@ -37,6 +38,10 @@ class DeepCORAL(Method):
             -1, 1, name="mmd_gamma", source=f"{DOMAINBED}: CORAL mmd_gamma, the CORAL weight"
         ),
     }
+    synchronised = (
+        "the gradients, and the source and target features are gathered from every rank: the "
+        "CORAL loss is the global batch's, exactly one process's"
+    )
     paper = (
         "Sun & Saenko, Deep CORAL: Correlation Alignment for Deep Domain Adaptation, "
         "ECCV 2016 Workshops"
@@ -45,7 +50,9 @@ class DeepCORAL(Method):
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
         out = forward_transfer(self.model, batch)
         cls_loss, acc = source_classification(out)
-        transfer_loss = coral_loss(out.features_s, out.features_t)
+        # torchrun: the covariances of the whole global batch (every rank's features)
+        fs, ft = distributed.gather(out.features_s), distributed.gather(out.features_t)
+        transfer_loss = coral_loss(fs, ft)
         loss = cls_loss + self.config.trade_off * transfer_loss
         return {
             "loss": loss,

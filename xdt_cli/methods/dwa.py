@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_mtl import MultiTaskMethod, TaskSpec
 from xdt_cli.methods.base import DomainBatch, MethodConfig
@@ -55,6 +56,10 @@ class DWA(MultiTaskMethod):
             0, 1, name="dwa_temperature", source="xdt's own: 1 to 10 around the paper's T = 2"
         ),
     }
+    synchronised = (
+        "the gradients, and each task's loss is that of the whole global batch's labelled "
+        "samples, so the window means and the weights agree on every rank"
+    )
     paper = "Liu, Johns & Davison, End-to-End Multi-Task Learning with Attention, CVPR 2019"
 
     def setup_tasks(self, tasks: list[TaskSpec]) -> None:
@@ -78,7 +83,11 @@ class DWA(MultiTaskMethod):
             lam = torch.ones(len(names), device=self.window_sum.device)
         lam = torch.where(labelled, lam, torch.zeros_like(lam))
         weights = {t: lam[i] for i, t in enumerate(names)}
-        self._accumulate(torch.stack([losses[t].detach().float() for t in names]), labelled)
+        # torchrun: the window means are those of the whole global batch (the mean over ranks
+        # of the task losses, see losses_from), so every rank weighs the tasks alike
+        count = torch.stack([counts[t] for t in names]).to(self.window_sum.device).float()
+        values = torch.stack([losses[t].detach().float() for t in names])
+        self._accumulate(distributed.average_(values), distributed.sum_(count) > 0)
         if (step + 1) % window == 0:
             self._close_window()
         return {"loss": self.weighted_sum(losses, weights), **self.log_values(losses, weights)}

@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_mtl import MultiTaskMethod, TaskSpec
 from xdt_cli.methods.base import DomainBatch, MethodConfig, OptimizerStep
@@ -64,6 +65,10 @@ class GradNorm(MultiTaskMethod):
             0, 3, name="gradnorm_alpha", source="xdt's own: 0 to 3 around the paper's 1.5"
         ),
     }
+    synchronised = (
+        "each task's gradient on the last shared layer is averaged over ranks before its "
+        "norm, and the loss ratios are the global batch's: the weights agree on every rank"
+    )
     paper = (
         "Chen et al., GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep "
         "Multitask Networks, ICML 2018"
@@ -91,8 +96,10 @@ class GradNorm(MultiTaskMethod):
         with opt.autocast:
             losses, counts = self.task_losses(batch)
         names = self.task_names
-        active = [i for i, t in enumerate(names) if counts[t].item() > 0]
-        values = torch.stack([losses[t].detach().float() for t in names])
+        labelled = set(self.labelled_tasks(counts))
+        active = [i for i, t in enumerate(names) if t in labelled]
+        # torchrun: the whole global batch's task losses (see losses_from)
+        values = distributed.average_(torch.stack([losses[t].detach().float() for t in names]))
         w = self.loss_weights
         with torch.no_grad():  # L_i(0): each task's first labelled loss
             for i in active:
@@ -128,7 +135,8 @@ class GradNorm(MultiTaskMethod):
             parts = torch.autograd.grad(
                 opt.scale(loss), layer, retain_graph=True, allow_unused=True
             )
-            squares = [g.float().pow(2).sum() for g in parts if g is not None]
-            total = torch.stack(squares).sum() if squares else loss.new_zeros((), dtype=torch.float)
-            norms.append(total.sqrt() / scale)
+            flat = [g.float().flatten() for g in parts if g is not None]
+            flat = torch.cat(flat) if flat else loss.new_zeros(1, dtype=torch.float)
+            distributed.average_(flat)  # torchrun: the norm of the global batch's gradient
+            norms.append(flat.pow(2).sum().sqrt() / scale)
         return torch.stack(norms)

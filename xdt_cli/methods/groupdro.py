@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import forward_domains
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
@@ -37,6 +38,10 @@ class GroupDRO(Method):
             -3, -1, name="groupdro_eta", source=f"{DOMAINBED}: GroupDRO groupdro_eta"
         ),
     }
+    synchronised = (
+        "the gradients, and each domain's risk is averaged over ranks (with its gradient), so "
+        "q is updated from the global batch and agrees on every rank"
+    )
     paper = "Sagawa et al., Distributionally Robust Neural Networks for Group Shifts, ICLR 2020"
 
     q: Tensor
@@ -50,7 +55,8 @@ class GroupDRO(Method):
         if not hasattr(self, "q"):
             self.setup_domains([b.domain for b in batch])
         out = forward_domains(self.model, batch)
-        risks = torch.stack(out.risks())
+        # torchrun: each domain's risk over the whole global batch, so q agrees on all ranks
+        risks = distributed.mean(torch.stack(out.risks()))
         with torch.no_grad():
             self.q.mul_(torch.exp(self.config.eta * risks.detach().to(self.q.dtype)))
             self.q.div_(self.q.sum())

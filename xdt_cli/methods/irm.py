@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import (
     forward_domains,
@@ -45,7 +46,8 @@ def irm_penalty(logits: Tensor, y: Tensor, weight: Tensor | None = None) -> Tens
     for part in (slice(0, None, 2), slice(1, None, 2)):
         w = None if weight is None else weight[part]
         risk = weighted_cross_entropy(scaled[part], y[part], w)
-        halves.append(torch.autograd.grad(risk, [scale], create_graph=True)[0])
+        grad = torch.autograd.grad(risk, [scale], create_graph=True)[0]
+        halves.append(distributed.mean(grad))  # torchrun: the global half-batch's gradient
     return (halves[0] * halves[1]).sum()
 
 
@@ -74,6 +76,10 @@ class IRM(Method):
             source=f"{DOMAINBED}: IRM irm_penalty_anneal_iters",
         ),
     }
+    synchronised = (
+        "the gradients, and each half-batch's gradient with respect to the scale is averaged "
+        "over ranks: the IRMv1 penalty is the global batch's"
+    )
     paper = "Arjovsky et al., Invariant Risk Minimization, arXiv:1907.02893, 2019"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:

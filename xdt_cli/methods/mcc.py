@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_da import (
     entropy,
@@ -63,12 +64,18 @@ class MCC(Method):
             1.5, 3.5, name="mcc_temperature", source="xdt's own: one either side of the paper's 2.5"
         ),
     }
+    synchronised = (
+        "the gradients, and the target logits are gathered from every rank: the class "
+        "confusion is the global batch's, exactly one process's"
+    )
     paper = "Jin et al., Minimum Class Confusion for Versatile Domain Adaptation, ECCV 2020"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
         out = forward_transfer(self.model, batch)
         cls_loss, acc = source_classification(out)
-        transfer_loss = class_confusion_loss(out.logits_t, self.config.temperature)
+        # torchrun: the class confusion of the whole global target batch
+        logits_t = distributed.gather(out.logits_t)
+        transfer_loss = class_confusion_loss(logits_t, self.config.temperature)
         loss = cls_loss + self.config.trade_off * transfer_loss
         return {
             "loss": loss,

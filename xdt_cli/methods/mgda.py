@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_mtl import MultiTaskMethod
 from xdt_cli.methods.base import DomainBatch, MethodConfig, OptimizerStep
@@ -117,6 +118,10 @@ class MGDA(MultiTaskMethod):
             source="Sener & Koltun's code (min_norm_solvers.gradient_normalizers): its four",
         ),
     }
+    synchronised = (
+        "each task's gradient on the shared representations is gathered from every rank (side "
+        "by side) before the min-norm solve, so alpha is the global batch's on every rank"
+    )
     paper = "Sener & Koltun, Multi-Task Learning as Multi-Objective Optimization, NeurIPS 2018"
     manual_optimization = True
 
@@ -128,12 +133,16 @@ class MGDA(MultiTaskMethod):
             detached = [(x, rep.detach().requires_grad_(), ts) for x, rep, ts in encoded]
             losses, counts = self.losses_from(batch, detached)
         names = self.task_names
-        active = [t for t in names if counts[t].item() > 0]
+        active = self.labelled_tasks(counts)
         reps = [rep for _, rep, _ in detached]
         device = losses[names[0]].device
         alpha = torch.zeros(len(names), device=device)
         if active:
             grads = torch.stack([self._rep_gradient(losses[t], reps, opt) for t in active])
+            # torchrun: the gradient on the whole global batch's representations is every
+            # rank's, side by side (each a mean over 1/world of the samples), so the solve,
+            # and alpha, are the one-process ones on every rank
+            grads = distributed.gather(grads.T.contiguous()).T / distributed.world()
             grads = self._normalise(grads, [losses[t] for t in active])
             solved = min_norm_weights(grads, self.config.max_iter, self.config.tolerance)
             alpha[torch.tensor([names.index(t) for t in active], device=device)] = solved
@@ -163,6 +172,6 @@ class MGDA(MultiTaskMethod):
         if kind == "none":
             return grads
         norms = grads.norm(dim=1)
-        values = torch.stack([v.detach().float() for v in losses])
+        values = distributed.average_(torch.stack([v.detach().float() for v in losses]))
         scale = {"l2": norms, "loss": values, "loss+": values * norms}[kind]
         return grads / scale.clamp(min=1e-12).unsqueeze(1)

@@ -35,6 +35,10 @@ class Mixup(Method):
     search_space = {
         "alpha": log10_uniform(-1, 1, name="mixup_alpha", source=f"{DOMAINBED}: Mixup mixup_alpha"),
     }
+    synchronised = (
+        "the gradients; the domain pairs and mixing weights are drawn with the same random "
+        "numbers on every rank, so the mixed batch is one process's"
+    )
     paper = "Yan et al., Improve Unsupervised Domain Adaptation with Mixup Training, 2020"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:

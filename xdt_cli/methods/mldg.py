@@ -7,6 +7,7 @@ from pydantic import Field
 from torch import Tensor
 from torch.func import functional_call
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import labels_of, random_pairs, weighted_cross_entropy
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig, OptimizerStep
@@ -65,6 +66,10 @@ class MLDG(Method):
     search_space = {
         "beta": log10_uniform(-1, 1, name="mldg_beta", source=f"{DOMAINBED}: MLDG mldg_beta"),
     }
+    synchronised = (
+        "the gradients, including the inner step's: the virtual weights and the meta-test "
+        "gradient are the global batch's on every rank, exactly one process's"
+    )
     paper = "Li et al., Learning to Generalize: Meta-Learning for Domain Generalization, AAAI 2018"
     manual_optimization = True
 
@@ -103,6 +108,9 @@ class MLDG(Method):
             with opt.autocast:
                 risk_i = weighted_cross_entropy(self.model(a.x), labels_of(a), a.weight)
             grad_i = torch.autograd.grad(opt.scale(risk_i), params, allow_unused=True)
+            # torchrun: the inner step takes the whole global batch's gradient, so the
+            # virtual weights (and the meta-test gradient) are alike on every rank
+            grad_i = [None if g is None else distributed.average_(g) for g in grad_i]
             unscale = 1.0 / opt.scale_factor()
             fast = self.virtual_step(
                 opt.optimizer, named, [None if g is None else g * unscale for g in grad_i]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import forward_domains, gaussian_mmd, mean, pairwise_penalty
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
@@ -34,12 +35,18 @@ class MMD(Method):
             -1, 1, name="mmd_gamma", source=f"{DOMAINBED}: MMD mmd_gamma"
         ),
     }
+    synchronised = (
+        "the gradients, and each domain's features are gathered from every rank: the MMD "
+        "penalty is the global batch's, exactly one process's"
+    )
     paper = "Li et al., Domain Generalization with Adversarial Feature Learning, CVPR 2018"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
         out = forward_domains(self.model, batch)
         nll = mean(out.risks())
-        penalty = pairwise_penalty(out.features, gaussian_mmd)
+        # torchrun: the kernel over the whole global batch (every rank's features)
+        features = [distributed.gather(f) for f in out.features]
+        penalty = pairwise_penalty(features, gaussian_mmd)
         return {
             "loss": nll + self.config.penalty_weight * penalty,
             "nll": nll.detach(),

@@ -69,6 +69,11 @@ class PCGrad(MultiTaskMethod):
 
     name = "pcgrad"
     Config = PCGradConfig
+    synchronised = (
+        "each task's gradient is averaged over ranks before the projections (the random order "
+        "is the same on every rank), so the surgery is the global batch's, exactly one "
+        "process's"
+    )
     paper = "Yu et al., Gradient Surgery for Multi-Task Learning, NeurIPS 2020"
     manual_optimization = True
 
@@ -78,7 +83,7 @@ class PCGrad(MultiTaskMethod):
         with opt.autocast:
             losses, counts = self.task_losses(batch)
         names = self.task_names
-        active = [t for t in names if counts[t].item() > 0]
+        active = self.labelled_tasks(counts)
         shared = self.shared_parameters()
         shared_ids = {id(p) for p in shared}
         others = [p for p in opt.params if p.requires_grad and id(p) not in shared_ids]

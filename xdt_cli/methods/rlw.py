@@ -29,6 +29,9 @@ class RLW(MultiTaskMethod):
 
     name = "rlw"
     Config = RLWConfig
+    synchronised = (
+        "the gradients; the random weights are drawn with the same random numbers on every rank"
+    )
     paper = (
         "Lin et al., Reasonable Effectiveness of Random Weighting: A Litmus Test for "
         "Multi-Task Learning, TMLR 2022"

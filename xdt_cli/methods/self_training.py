@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.augment import strong, weak
 from xdt_cli.methods import register
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
@@ -108,6 +109,11 @@ class SelfTraining(Method):
             source="xdt's own: a decade either side of FixMatch's lambda_u = 1",
         ),
     }
+    synchronised = (
+        "the gradients; distribution alignment's running class frequencies and mean "
+        "prediction are the global batch's; the weak and strong augmentations draw the same "
+        "random numbers on every rank (each rank's share of samples differs)"
+    )
     paper = (
         "Sohn et al., FixMatch: Simplifying Semi-Supervised Learning with Consistency and "
         "Confidence, NeurIPS 2020"
@@ -124,9 +130,10 @@ class SelfTraining(Method):
     def _align(self, probs: Tensor, labels: Tensor) -> Tensor:
         """ReMixMatch's distribution alignment; updates the running distributions."""
         m = self.config.alignment_momentum
-        counts = torch.bincount(labels, minlength=probs.shape[1]).float()
+        # torchrun: the whole global batch's class frequencies and mean prediction
+        counts = distributed.sum_(torch.bincount(labels, minlength=probs.shape[1]).float())
         self.source_prior.mul_(m).add_(counts / counts.sum(), alpha=1 - m)
-        self.target_mean.mul_(m).add_(probs.mean(0), alpha=1 - m)
+        self.target_mean.mul_(m).add_(distributed.average_(probs.mean(0)), alpha=1 - m)
         aligned = probs * self.source_prior / self.target_mean.clamp_min(1e-6)
         return aligned / aligned.sum(1, keepdim=True)
 

@@ -6,6 +6,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from xdt_cli import distributed
 from xdt_cli.methods import register
 from xdt_cli.methods._shared_dg import forward_domains, penalty_schedule
 from xdt_cli.methods.base import DomainBatch, Method, MethodConfig
@@ -53,11 +54,16 @@ class VREx(Method):
             source=f"{DOMAINBED}: VREx vrex_penalty_anneal_iters",
         ),
     }
+    synchronised = (
+        "the gradients, and each domain's risk is averaged over ranks (with its gradient): "
+        "the risks' variance is the global batch's, exactly one process's"
+    )
     paper = "Krueger et al., Out-of-Distribution Generalization via Risk Extrapolation, ICML 2021"
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
         out = forward_domains(self.model, batch)
-        risks = torch.stack(out.risks())
+        # torchrun: each domain's risk over the whole global batch (its mean over ranks)
+        risks = distributed.mean(torch.stack(out.risks()))
         nll, penalty = risks.mean(), risk_variance(risks)
         weight = penalty_schedule(step, self.config.penalty_weight, self.config.anneal_steps)
         loss = nll + weight * penalty
