@@ -271,25 +271,14 @@ def every_method(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """tests/ddp_methods_driver.py: every method for 3 steps, on 2 processes and on 1."""
     root = tmp_path_factory.mktemp("methods")
     driver = str(REPO / "tests" / "ddp_methods_driver.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    two = subprocess.run(
-        [*cmd, "2", driver, str(root / "two")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env(),
-        cwd=REPO,
-    )
-    assert two.returncode == 0, two.stderr[-4000:]
-    one = subprocess.run(
-        [sys.executable, driver, str(root / "one")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env(),
-        cwd=REPO,
-    )
-    assert one.returncode == 0, one.stderr[-4000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launches = {
+        "two": [*torchrun, "--nproc-per-node", "2", driver, str(root / "two")],
+        "one": [sys.executable, driver, str(root / "one")],
+    }
+    for cmd in launches.values():
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env(), cwd=REPO)
+        assert done.returncode == 0, done.stderr[-4000:]
     return root / "two", root / "one"
 
 

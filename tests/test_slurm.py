@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from tests.conftest import TINY, write_config
-from xdt_cli.cli import app
+from tests.test_sweep import cli, read_json, write_sweep
 from xdt_cli.sweeps import load_sweep, plan
 
 pytestmark = pytest.mark.slurm
@@ -30,19 +29,6 @@ SHORT = ["train.steps=30", "train.eval_every=10", "train.log_every=10"]
 # Long enough to be caught mid-way (a few seconds at one thread), with last.pt at every eval.
 LONG = ["train.steps=500", "train.eval_every=20", "train.log_every=20"]
 WAIT_S = 300
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def write_sweep(path: Path, **spec) -> Path:
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
