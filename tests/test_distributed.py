@@ -325,3 +325,53 @@ def test_two_ranks_on_cuda_end_where_one_gpu_does(tmp_path: Path) -> None:
     a, b = summary(tmp_path / "two"), summary(tmp_path / "one")
     assert abs(a["final"]["mnist5k/test/acc"] - b["final"]["mnist5k/test/acc"]) <= 0.005
     assert json.loads((tmp_path / "two" / "meta.json").read_text())["device"] == "cuda:0"
+
+
+def test_image_files_through_dataloader_workers_on_two_ranks(tmp_path: Path) -> None:
+    """The DataLoader path: a generalize run on an image-folder tree with random crops and
+    flips, one worker per rank: 2 ranks load their shares (each sample with its own
+    augmentation seed) and end with one process's metrics."""
+    import yaml
+
+    from tests.data_fixtures import write_image_folder
+
+    classes = dict.fromkeys(["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"], 4)
+    domains = ("art_painting", "cartoon", "photo", "sketch")
+    tree = write_image_folder(tmp_path / "PACS", dict.fromkeys(domains, classes), size=(36, 36))
+    config = tmp_path / "tree.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "dataset": "pacs",
+                    "domains": ["art_painting", "cartoon", "photo"],
+                    "test_domains": ["photo"],
+                    "files": {
+                        "root": str(tree),
+                        "transforms": {
+                            "train": [{"random_crop": {"size": 32}}, "horizontal_flip"],
+                            "eval": [{"center_crop": {"size": 32}}],
+                        },
+                        "loader": {"num_workers": 1},
+                    },
+                },
+                "model": {"backbone": "lenet"},
+                "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                "train": {"steps": 12, "batch_size": 8, "eval_every": 6, "log_every": 3},
+            }
+        )
+    )
+    runs = str(tmp_path / "runs")
+    two = torchrun("generalize", str(config), "--runs-dir", runs, "--name", "two", env=env())
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = xdt("generalize", str(config), "--runs-dir", runs, "--name", "one", env=env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    for x, y in zip(
+        rows(tmp_path / "runs" / "two", "train"),
+        rows(tmp_path / "runs" / "one", "train"),
+        strict=True,
+    ):
+        assert x["train/loss"] == pytest.approx(y["train/loss"], abs=1e-4)
+    a, b = summary(tmp_path / "runs" / "two"), summary(tmp_path / "runs" / "one")
+    for name, value in b["final"].items():
+        assert a["final"][name] == pytest.approx(value, abs=1e-4), name
