@@ -188,20 +188,18 @@ def test_a_failing_rank_ends_the_run_with_its_message(tmp_path: Path) -> None:
     )
 
 
-def test_a_global_batch_that_does_not_split_is_refused(tmp_path: Path) -> None:
-    out = torchrun(
-        "train-source",
-        QUICKSTART,
-        "train.batch_size=63",
-        "schedule.warmup_steps=0",
-        "train.steps=2",
-        "--runs-dir",
-        str(tmp_path),
-        env=env(),
+def test_a_global_batch_that_does_not_split_is_refused() -> None:
+    from xdt_cli.data.stream import check_batch_size
+    from xdt_cli.distributed import Shard
+    from xdt_cli.errors import ConfigError
+
+    check_batch_size(100, 64, "mnist5k", Shard(1, 2))  # 32 a rank
+    with pytest.raises(ConfigError) as err:
+        check_batch_size(100, 63, "mnist5k", Shard(0, 2))
+    assert "the global batch of 63 images of 'mnist5k' does not split evenly over 2" in str(
+        err.value
     )
-    assert out.returncode != 0
-    assert "error: train.batch_size: the global batch of 63 images" in out.stderr
-    assert "train.batch_size_per_rank: true" in out.stderr
+    assert "train.batch_size_per_rank: true" in str(err.value)
 
 
 # --------------------------------------------------------------------------- shares, in process

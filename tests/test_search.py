@@ -292,6 +292,19 @@ def test_a_tiny_search_runs_and_report_chooses_within_each_trial(tmp_path: Path)
                 assert trial["run"] == run_dir
             tests.append(test)
         assert column["mean"] == pytest.approx(sum(tests) / 2)
+    # the benchmark's search table (benchmark.py) is the same choice, in %
+    from xdt_cli.benchmark import TableSpec, search_table
+    from xdt_cli.report import collect_runs
+
+    spec = TableSpec(
+        title="t", kind="search", rows=["tiny_search"], selection="training_domain_val"
+    )
+    table = search_table(spec, {"tiny_search": collect_runs([runs / "tiny_search"])}, "last")
+    header, _, line = table.splitlines()[:3]
+    assert header == "| method | rot0 | rot30 | avg |"
+    rot0 = row["columns"]["rot0"]
+    assert line.startswith(f"| `irm` | {100 * rot0['mean']:.1f} ± {100 * rot0['std']:.1f} |")
+    assert "among 2 completed draws per trial, 2 trials" in table
     md = CliRunner().invoke(
         app,
         ["report", str(runs / "tiny_search"), "--choose-by", "oracle", "--format", "markdown"],

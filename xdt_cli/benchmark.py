@@ -400,7 +400,9 @@ def search_table(spec: TableSpec, records_of: dict[str, list], selection: str) -
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     draws, trials = set(), set()
     for row in rows:
-        label = ", ".join(str(v) for v in row["row"].values()) or sweep_of(row)
+        # a table holds one data set's rows (its columns are its domains): name the rest
+        shown = [str(v) for k, v in row["row"].items() if k != "data.dataset"]
+        label = ", ".join(shown) or sweep_of(row)
         cells = [f"`{label}`"]
         for column in columns:
             entry = row["columns"].get(column)

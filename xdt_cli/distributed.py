@@ -150,3 +150,12 @@ def broadcast_state(module: nn.Module) -> None:
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj` (picklable), in rank order (a collective: every rank calls it)."""
+    if not active():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

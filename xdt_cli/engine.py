@@ -37,7 +37,8 @@ Under torchrun (distributed.py) the method trains inside PyTorch's DistributedDa
 over ranks before its optimizer step; the logged sums are averaged over ranks, evaluation is
 sharded and all-reduced, rank 0's batch-norm statistics (and weight average) are broadcast
 before each evaluation so that every rank scores, and rank 0 saves, the same weights; a stop
-signal on any rank stops every rank after the same step; only rank 0 writes files. Every rank
+signal on any rank stops every rank after the same step; only rank 0 writes files, and its
+last.pt holds every rank's open log window, so a resumed run logs the same numbers. Every rank
 draws the same random numbers (the same seed, the same calls): a method's random choices
 (RLW's weights, PCGrad's order, Mixup's pairs) agree across ranks, the streams augment the
 whole global batch before keeping their share, and rank 0's RNG in last.pt is every rank's.
@@ -293,11 +294,13 @@ class Engine:
         )
 
     # -- state ---------------------------------------------------------------------------
-    def state_dict(self, elapsed: float) -> dict[str, Any]:
+    def state_dict(self, elapsed: float, ranks_sums: list | None = None) -> dict[str, Any]:
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        extra = {"log_sums_ranks": ranks_sums} if ranks_sums is not None else {}
         return {
+            **extra,
             "step": self.step,
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -340,12 +343,23 @@ class Engine:
             self.best = state["best"]
             self.last_eval = dict(state["last_eval"])
             self.bad_evals = int(state["bad_evals"])
-            self.log_sums = {k: v.to(self.device) for k, v in state["log_sums"].items()}
+            self.log_sums = {k: v.to(self.device) for k, v in self._saved_sums(state).items()}
             self.log_count = int(state["log_count"])
             self.elapsed_before = float(state["elapsed"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{source}: does not match this run ({first[:200]})") from None
+
+    def _saved_sums(self, state: dict[str, Any]) -> dict[str, Tensor]:
+        """The open log window's sums to continue from: a torchrun run saved every rank's;
+        resumed on as many ranks, each takes its own (so the logged mean is bit-exact),
+        else each takes their mean (the same logged mean, to rounding)."""
+        ranks = state.get("log_sums_ranks")
+        if not ranks:
+            return state["log_sums"]
+        if len(ranks) == self.runtime.world_size:
+            return ranks[self.runtime.rank]
+        return {k: sum(r[k] for r in ranks) / len(ranks) for k in ranks[0]}
 
     def resume_from(self, path) -> None:
         self.load_state_dict(load_checkpoint(path), str(path))
@@ -466,11 +480,11 @@ class Engine:
         return distributed.any_(self._signal is not None, self.device)
 
     def _check_finite(self) -> None:
-        # torchrun: the window's sums become their mean over ranks (the whole batch's); a
-        # second reduction in one window changes nothing, as the reduced part is alike
-        for key in sorted(self.log_sums):
-            distributed.average_(self.log_sums[key])
         loss = self.log_sums.get("loss")
+        if loss is not None and self.runtime.world_size > 1:
+            # torchrun: every rank checks the mean over ranks (a NaN on one stops them all)
+            # on a copy: each rank's own sums stay as they are until the window is logged
+            loss = distributed.average_(loss.clone())
         if loss is not None and not torch.isfinite(loss).item():
             raise NonFiniteLoss(
                 f"the training loss became non-finite between steps "
@@ -480,6 +494,8 @@ class Engine:
 
     def _log_train(self) -> None:
         self._check_finite()
+        for key in sorted(self.log_sums):  # torchrun: the whole global batch's values
+            distributed.average_(self.log_sums[key])
         row: dict[str, Any] = {"step": self.step, "split": "train"}
         for key, total in self.log_sums.items():
             row[f"train/{key}"] = (total / self.log_count).item()
@@ -535,8 +551,12 @@ class Engine:
                     torch.distributed.broadcast(value, src=0)
 
     def _save_last(self, elapsed: float) -> None:
+        sums = None
+        if self.runtime.world_size > 1:  # a collective: every rank hands rank 0 its sums
+            local = {k: v.detach().cpu() for k, v in self.log_sums.items()}
+            sums = distributed.gather_objects(local)
         if self.run is not None:
-            save_checkpoint(self.run.last_ckpt, self.state_dict(elapsed))
+            save_checkpoint(self.run.last_ckpt, self.state_dict(elapsed, sums))
 
     def _write_summary(
         self, status: str, elapsed: float, error: str | None, early: bool

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from xdt_cli import distributed
 from xdt_cli.config import LoaderConfig
 from xdt_cli.data.stream import DomainBatch, check_batch_size, epoch_permutation
 from xdt_cli.data.transforms import Pipeline
@@ -161,7 +162,7 @@ class _StepBatches:
 
 
 def _loader_kwargs(options: LoaderConfig, device: torch.device) -> dict[str, Any]:
-    return {
+    kwargs = {
         # the loader draws its workers' base seed from this generator, not the global one,
         # which the engine checkpoints: starting a loader must not shift the training RNG
         "generator": torch.Generator().manual_seed(0),
@@ -170,6 +171,12 @@ def _loader_kwargs(options: LoaderConfig, device: torch.device) -> dict[str, Any
         "persistent_workers": options.persistent_workers and options.num_workers > 0,
         "collate_fn": _collate,
     }
+    if options.num_workers > 0 and distributed.active():
+        # torchrun: a rank holds the process group's threads (gloo, NCCL), and a worker
+        # forked while one of them holds a lock can hang forever; forkserver starts workers
+        # from a clean single-threaded server instead
+        kwargs["multiprocessing_context"] = "forkserver"
+    return kwargs
 
 
 @dataclass(eq=False)  # identity, not contents: splits are kept in a WeakSet
