@@ -119,7 +119,7 @@ def test_comparison_and_held_out_domain_tables(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(suite))
     runs, doc = tmp_path / "runs", tmp_path / "B.md"
     args = ["benchmark", str(path), "--runs-dir", str(runs), "--doc", str(doc), "-q"]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, [*args, "--jobs", "2"])  # 12 tiny runs, two at a time
     assert result.exit_code == 0, result.stderr
 
     def finals(sweep: str, metric: str) -> dict[str, float]:

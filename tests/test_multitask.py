@@ -298,7 +298,7 @@ def test_the_tasks_table_of_a_multitask_suite(tmp_path: Path) -> None:
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
     runs, doc = tmp_path / "runs", tmp_path / "B.md"
     args = ["benchmark", str(tmp_path / "suite.yaml"), "--runs-dir", str(runs), "--doc", str(doc)]
-    result = CliRunner().invoke(app, [*args, "-q"])
+    result = CliRunner().invoke(app, [*args, "-q", "--jobs", "2"])
     assert result.exit_code == 0, result.stderr
     summaries = [
         json.loads(p.read_text()) for p in sorted((runs / "mm_static").glob("*/summary.json"))
