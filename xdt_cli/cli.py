@@ -127,12 +127,11 @@ def _guard(debug: bool, body: Callable[[], int]) -> None:
 
 
 def _finish(summary: dict[str, Any], as_json: bool) -> int:
-    if _rank() > 0:  # torchrun: rank 0 prints the result
-        pass
-    elif as_json:
-        print(json.dumps(summary, indent=2))
-    elif summary.get("run_dir"):
-        print(summary["run_dir"])
+    if _rank() == 0:  # torchrun: rank 0 prints the result
+        if as_json:
+            print(json.dumps(summary, indent=2))
+        elif summary.get("run_dir"):
+            print(summary["run_dir"])
     if summary["status"] == "failed":
         _err(f"error: run failed: {summary.get('error', 'see summary.json')}")
         return 1

@@ -77,10 +77,7 @@ def sum_(tensor: Tensor) -> Tensor:
 
 def average_(tensor: Tensor) -> Tensor:
     """In place: the mean over ranks (no gradient)."""
-    if active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
-    return tensor
+    return sum_(tensor).div_(world()) if active() else tensor
 
 
 def average_gradients(params: Iterable[nn.Parameter]) -> None:

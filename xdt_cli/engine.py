@@ -256,10 +256,10 @@ class Engine:
         # manual method (several backward passes) gets them averaged by OptimizerStep
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
         manual = self.method.manual_optimization
-        if runtime.world_size > 1:
+        if runtime.world_size > 1 and not manual:
+            self.ddp = self._wrap()  # its constructor gives every rank rank 0's weights
+        elif runtime.world_size > 1:
             distributed.broadcast_state(self.method)  # every rank starts from rank 0's weights
-            if not manual:
-                self.ddp = self._wrap()
         self.opt_step = OptimizerStep(
             self.optimizer,
             self.scaler,
@@ -479,9 +479,9 @@ class Engine:
             return self._signal is not None
         return distributed.any_(self._signal is not None, self.device)
 
-    def _check_finite(self) -> None:
+    def _check_finite(self, averaged: bool = False) -> None:
         loss = self.log_sums.get("loss")
-        if loss is not None and self.runtime.world_size > 1:
+        if loss is not None and self.runtime.world_size > 1 and not averaged:
             # torchrun: every rank checks the mean over ranks (a NaN on one stops them all)
             # on a copy: each rank's own sums stay as they are until the window is logged
             loss = distributed.average_(loss.clone())
@@ -493,9 +493,9 @@ class Engine:
             )
 
     def _log_train(self) -> None:
-        self._check_finite()
         for key in sorted(self.log_sums):  # torchrun: the whole global batch's values
             distributed.average_(self.log_sums[key])
+        self._check_finite(averaged=True)
         row: dict[str, Any] = {"step": self.step, "split": "train"}
         for key, total in self.log_sums.items():
             row[f"train/{key}"] = (total / self.log_count).item()
