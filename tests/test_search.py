@@ -324,6 +324,6 @@ def test_the_shipped_searches_plan_and_validate(tmp_path: Path, monkeypatch) -> 
         plans = [plan(load_sweep(p), tmp_path / "runs") for p in loaded.sweeps]
         assert all(p.sweep.search is not None for p in plans)
         sizes[suite] = sum(len(p.runs) for p in plans)
-    assert sizes == {"search_generalize": 864, "search_transfer": 192}
+    assert sizes == {"search_generalize": 432, "search_transfer": 96}
     example = plan(load_sweep("configs/sweeps/colored_mnist5k_irm_search.yaml"), tmp_path / "r")
     assert [(r.draw, r.trial) for r in example.runs] == [(d, t) for d in range(3) for t in (0, 1)]
