@@ -57,6 +57,14 @@ def test_benchmark_writes_its_tables_between_its_markers(tmp_path: Path) -> None
     assert again.exit_code == 0
     assert doc.read_text().count("<!-- suite:tiny_suite:start -->") == 1
 
+    # a smaller grid: the seed-1 folder stays on disk but is no run of the sweep any more
+    sweep = yaml.safe_load((tmp_path / "tiny_seeds.yaml").read_text())
+    (tmp_path / "tiny_seeds.yaml").write_text(yaml.safe_dump({**sweep, "seeds": [0]}))
+    smaller = CliRunner().invoke(app, [*args, "-q"])
+    assert smaller.exit_code == 0, smaller.stderr
+    seed0 = json.loads(next((runs / "tiny_seeds").glob("seed0*/summary.json")).read_text())
+    assert f"| 1 | {seed0['best']['digits/test/acc']:.4f}" in doc.read_text()
+
 
 def test_write_section_appends_when_the_markers_are_missing(tmp_path: Path) -> None:
     doc = tmp_path / "B.md"

@@ -176,7 +176,9 @@ def run_benchmark(
     train_time = 0.0
     records_of = {}
     for p in plans:
-        records = [r for r in collect_runs([p.sweep_dir]) if r.path.parent == p.sweep_dir]
+        # the sweep's planned runs only: a folder left by an earlier, larger grid is not one
+        planned = {run.run_dir.resolve() for run in p.runs}
+        records = [r for r in collect_runs([p.sweep_dir]) if r.path.resolve() in planned]
         records_of[p.sweep.name] = records
         if not suite.tables:
             groups = summarize(records, metrics=suite.metrics, selection=suite.selection)
