@@ -39,11 +39,12 @@ import torch
 import torch.nn.functional as F
 from _machine import OtherLoad, describe
 
-from xdt_cli.config import AdamConfig, CosineSchedule, ExperimentConfig, load_config
+from xdt_cli.config import AdamConfig, CosineSchedule, ExperimentConfig
 from xdt_cli.engine import Engine
 from xdt_cli.models import create_model
 from xdt_cli.progress import Reporter
 from xdt_cli.regimes import build_experiment
+from xdt_cli.resolve import load_config
 from xdt_cli.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,8 +9,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xdt_cli.config import dump_config, load_config
+from xdt_cli.config import dump_config
 from xdt_cli.errors import ConfigError
+from xdt_cli.resolve import load_config
 
 SOURCE = "data:\n  source: {dataset: digits}\n"
 ADAM = "optim: {name: adam}\n"
@@ -60,7 +61,7 @@ def test_minimal_config_gets_the_schema_defaults(tmp_path: Path) -> None:
     assert cfg.train.early_stopping is None
     assert cfg.train.deterministic is True
     assert cfg.selection.rule == "source_val"
-    assert cfg.selection.metric is None
+    assert (cfg.selection.metric, cfg.selection.mode) == ("digits/val/acc", "max")  # resolved
 
 
 def test_an_explicit_name_wins_over_the_file_stem(tmp_path: Path) -> None:
@@ -651,7 +652,7 @@ def test_an_alias_inside_its_own_anchor_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_reader_is_still_a_safe_loader() -> None:
-    from xdt_cli import config
+    from xdt_cli.config import loading as config
 
     assert issubclass(config._BoundedLoader, yaml.SafeLoader)
     assert config._load_yaml("a: 1\nb: [x, 1e-3]\n")[0] == yaml.safe_load("a: 1\nb: [x, 1e-3]\n")

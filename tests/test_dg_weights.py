@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.data_fixtures import write_image_folder
-from xdt_cli.config import DomainConfig, load_config, validate_config
+from xdt_cli.config import DomainConfig
 from xdt_cli.data import load_configured_domain, make_stream
 from xdt_cli.data.registry import Domain, Split
 from xdt_cli.data.stream import DomainBatch
@@ -29,6 +29,7 @@ from xdt_cli.methods.erm import ERM, ERMConfig
 from xdt_cli.methods.irm import irm_penalty
 from xdt_cli.models import create_model
 from xdt_cli.regimes import build_experiment, loss_weights
+from xdt_cli.resolve import load_config, validate_config
 from xdt_cli.runtime import Runtime
 
 torch.set_num_threads(1)

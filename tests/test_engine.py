@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from tests.conftest import TINY, write_config
 from xdt_cli.api import resume_run, start_run
 from xdt_cli.checkpoint import load_checkpoint
-from xdt_cli.config import deep_merge, load_config
+from xdt_cli.config import deep_merge
 from xdt_cli.engine import Engine, lr_factor
 from xdt_cli.errors import RunInterrupted
 from xdt_cli.methods.erm import ERM
 from xdt_cli.progress import Reporter
 from xdt_cli.regimes import build_experiment
+from xdt_cli.resolve import load_config
 from xdt_cli.runtime import Runtime
 
 QUIET = Reporter(quiet=True)

@@ -16,7 +16,7 @@ from xdt_cli.api import start_run
 from xdt_cli.checkpoint import load_checkpoint
 from xdt_cli.config import deep_merge
 from xdt_cli.data import DATASETS, DatasetSpec, load_domain
-from xdt_cli.evaluate import evaluate_run
+from xdt_cli.evaluate_run import evaluate_run
 from xdt_cli.progress import Reporter
 
 
@@ -197,13 +197,13 @@ def test_bad_checkpoints_exit_2(cli, plain, tmp_path: Path) -> None:
         (["--device", "tpu"], ["--device"]),
     ],
 )
-def test_bad_arguments_exit_2(cli, plain, monkeypatch, args, needles) -> None:
+def test_bad_arguments_exit_2(cli, plain, request, args, needles) -> None:
     def never(domain):
         raise AssertionError("an incompatible data set must not be loaded")
 
     for name, shape, classes in (("rgb32", (3, 32, 32), 10), ("five", (1, 28, 28), 5)):
-        spec = DatasetSpec(name, "test only", (name,), classes, shape, never)
-        monkeypatch.setitem(DATASETS, name, spec)
+        DATASETS.register(name, DatasetSpec(name, "test only", (name,), classes, shape, never))
+        request.addfinalizer(lambda name=name: DATASETS.unregister(name))
     one_line_error(cli("evaluate", plain[0], *args), *needles)
 
 

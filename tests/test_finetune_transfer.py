@@ -16,7 +16,7 @@ from tests.conftest import write_config
 from tests.test_engine import _interrupt_at, assert_resume_is_exact
 from xdt_cli.api import resume_run, start_run
 from xdt_cli.checkpoint import load_checkpoint
-from xdt_cli.config import deep_merge, load_config, validate_config
+from xdt_cli.config import deep_merge
 from xdt_cli.data import load_domain
 from xdt_cli.data.splits import labelled_subset
 from xdt_cli.errors import ConfigError, RunInterrupted
@@ -26,6 +26,7 @@ from xdt_cli.methods.erm import ERM
 from xdt_cli.models import create_model
 from xdt_cli.progress import Reporter
 from xdt_cli.regimes import build_experiment
+from xdt_cli.resolve import load_config, validate_config
 from xdt_cli.runtime import Runtime
 
 QUIET = Reporter(quiet=True)
@@ -276,7 +277,8 @@ class _Spy(ERM):
 def test_no_target_label_reaches_a_transfer_method(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(METHODS, "spy", _Spy)
+    METHODS.discover()
+    monkeypatch.setattr(METHODS, "_entries", {**METHODS._entries, "spy": _Spy})
     _Spy.seen = []
     start("transfer", tmp_path, {**TRANSFER, "method": {"name": "spy"}}, "spy")
     assert len(_Spy.seen) == TRAIN["steps"]

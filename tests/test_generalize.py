@@ -13,9 +13,10 @@ import torch
 
 from tests.conftest import write_config
 from tests.test_engine import assert_resume_is_exact
-from xdt_cli.api import start_leave_one_out, start_run
+from xdt_cli.api import start_run
 from xdt_cli.checkpoint import load_checkpoint
 from xdt_cli.data import load_domain
+from xdt_cli.leave_one_out import start_leave_one_out
 from xdt_cli.methods import METHODS
 from xdt_cli.methods.erm import ERM
 from xdt_cli.progress import Reporter
@@ -139,7 +140,8 @@ class _Spy(ERM):
 def test_held_out_domains_never_reach_the_optimizer_nor_the_selection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(METHODS, "dg_spy", _Spy)
+    METHODS.discover()
+    monkeypatch.setattr(METHODS, "_entries", {**METHODS._entries, "dg_spy": _Spy})
     _Spy.seen = []
     config = {**DG, "method": {"name": "dg_spy"}, "train": {**TRAIN, "steps": 12}}
     first = start(tmp_path, config, "plain")

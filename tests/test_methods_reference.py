@@ -16,7 +16,6 @@ from torch import nn
 from tests.conftest import write_config
 from xdt_cli.api import start_run
 from xdt_cli.checkpoint import load_checkpoint
-from xdt_cli.config import load_config
 from xdt_cli.data.stream import DomainBatch
 from xdt_cli.engine import Engine
 from xdt_cli.methods import METHODS
@@ -25,6 +24,7 @@ from xdt_cli.methods.mldg import MLDG, MLDGConfig
 from xdt_cli.models import create_model
 from xdt_cli.progress import Reporter
 from xdt_cli.regimes import build_experiment
+from xdt_cli.resolve import load_config
 from xdt_cli.runtime import Runtime
 
 QUIET = Reporter(quiet=True)

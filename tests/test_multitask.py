@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from tests.conftest import write_config
 from tests.test_engine import assert_resume_is_exact
 from xdt_cli.api import resume_run, start_run
-from xdt_cli.baselines import delta_m
+from xdt_cli.baselines import delta_m, start_with_baselines
 from xdt_cli.cli import app
 from xdt_cli.config import TaskConfig
 from xdt_cli.data import load_domain
@@ -49,17 +49,14 @@ TWO_SETS = {
 }
 
 
-def start(tmp_path: Path, config: dict, name: str, *overrides: str, **kw) -> dict:
+def start(
+    tmp_path: Path, config: dict, name: str, *overrides: str, single_task_baselines=False
+) -> dict:
     path = write_config(tmp_path / f"{name}.yaml", config)
-    return start_run(
-        "multitask",
-        path,
-        list(overrides),
-        name=name,
-        runs_dir=tmp_path / "runs",
-        reporter=QUIET,
-        **kw,
-    )
+    where = {"name": name, "runs_dir": tmp_path / "runs", "reporter": QUIET}
+    if single_task_baselines:
+        return start_with_baselines(path, list(overrides), **where)
+    return start_run("multitask", path, list(overrides), **where)
 
 
 # --------------------------------------------------------------------------- the data
@@ -345,7 +342,7 @@ def test_a_sweep_passes_single_task_baselines_only_for_multitask(tmp_path: Path)
 
 def test_task_heads_are_towers_and_baselines_keep_only_their_own(tmp_path: Path) -> None:
     from xdt_cli.baselines import baseline_config, baseline_name
-    from xdt_cli.config import load_config
+    from xdt_cli.resolve import load_config
 
     config = {**MM, "model": {"backbone": "lenet", "heads": {"left": [32, 16]}}}
     path = write_config(tmp_path / "mt.yaml", config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,15 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
-from tests.conftest import write_config
-from xdt_cli import plugins
+import xdt_cli
+from tests.conftest import TINY, write_config
 from xdt_cli.checkpoint import load_checkpoint
 from xdt_cli.data import DATASETS
 from xdt_cli.errors import ConfigError
 from xdt_cli.methods import METHODS
 from xdt_cli.models import BACKBONES, create_model
+
+REGISTRIES = {"datasets": DATASETS, "methods": METHODS, "backbones": BACKBONES}
 
 torch.set_num_threads(1)
 DIST = "xdt-demo-plugins"
@@ -97,14 +101,13 @@ def isolated(monkeypatch: pytest.MonkeyPatch):
     """Registries and the plug-in loader as they were before the test."""
     import xdt_cli.data.registry as registry
 
-    for name, value in (("_loaded_kinds", set()), ("_loaded_points", set())):
-        monkeypatch.setattr(plugins, name, value)
-    monkeypatch.setattr(plugins, "ORIGINS", {kind: {} for kind in plugins.GROUPS})
-    saved = [(d, dict(d)) for d in (DATASETS, METHODS, BACKBONES)]
+    for table in REGISTRIES.values():
+        table.discover()
+        monkeypatch.setattr(table, "_entries", dict(table._entries))
+        monkeypatch.setattr(table, "_origins", dict(table._origins))
+        monkeypatch.setattr(table, "_plugins_loaded", False)
+        monkeypatch.setattr(table, "_points_loaded", set())
     yield
-    for registry_dict, before in saved:
-        registry_dict.clear()
-        registry_dict.update(before)
     registry._load_raw.cache_clear()
     sys.modules.pop("xdt_demo_plugins", None)
 
@@ -117,21 +120,21 @@ def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated) -> Path
 
 
 def test_entry_points_register_a_data_set_a_backbone_and_a_method(installed) -> None:
-    plugins.load_plugins("datasets")
-    plugins.load_plugins("backbones")
-    plugins.load_plugins("methods")
-    assert DATASETS["squares"].origin == DIST
-    assert BACKBONES["tiny_mlp"].origin == DIST
+    REGISTRIES["datasets"].load_plugins()
+    REGISTRIES["backbones"].load_plugins()
+    REGISTRIES["methods"].load_plugins()
+    assert DATASETS.origin("squares") == DIST
+    assert BACKBONES.origin("tiny_mlp") == DIST
     assert BACKBONES["tiny_mlp"].description == "A flat two-layer perceptron."
-    assert plugins.origin("methods", "plugged_erm") == DIST
-    assert plugins.origin("methods", "erm") == "xdt" and DATASETS["digits"].origin == "xdt"
+    assert METHODS.origin("plugged_erm") == DIST
+    assert METHODS.origin("erm") == "xdt" and DATASETS.origin("digits") == "xdt"
     model = create_model("tiny_mlp", (1, 12, 12), 3)
     assert model.feature_dim == 16 and model(torch.rand(2, 1, 12, 12)).shape == (2, 3)
 
 
 def test_plugins_are_loaded_once(installed) -> None:
-    plugins.load_plugins("datasets")
-    plugins.load_plugins("datasets")  # no "registered twice"
+    REGISTRIES["datasets"].load_plugins()
+    REGISTRIES["datasets"].load_plugins()  # no "registered twice"
     assert list(DATASETS).count("squares") == 1
 
 
@@ -209,7 +212,7 @@ def test_a_broken_plugin_is_one_line_naming_it(
     monkeypatch.syspath_prepend(str(make_package(tmp_path / "site", entry_points, module)))
     kind = "backbones" if "xdt.backbones" in entry_points else "datasets"
     with pytest.raises(ConfigError) as info:
-        plugins.load_plugins(kind)
+        REGISTRIES[kind].load_plugins()
     (line,) = info.value.lines
     assert needle in line, line
 
@@ -313,3 +316,78 @@ def test_an_unknown_backbone_lists_the_registered_ones() -> None:
         "model.backbone: unknown backbone 'brief_cn' (did you mean 'brief_cnn'?)"
     )
     assert "lenet, cnn, brief_cnn, timm:<name> or a torchvision" in line
+
+
+DROPPED_METHOD = '''
+"""A method dropped into a copy of the package: plain cross-entropy at half the weight."""
+
+import torch.nn.functional as F
+
+from xdt_cli.methods import register
+from xdt_cli.methods.base import Method, MethodConfig
+
+
+class HalfConfig(MethodConfig):
+    pass
+
+
+@register
+class HalfERM(Method):
+    """Half the cross-entropy of the labelled samples (a test of method discovery)."""
+
+    name = "half_erm"
+    regimes = frozenset({"train-source"})
+    Config = HalfConfig
+    paper = "none: a test"
+
+    def training_step(self, batch, step):
+        (source,) = [b for b in batch if b.y is not None]
+        logits = self.model(source.x)
+        return {"loss": 0.5 * F.cross_entropy(logits, source.y)}
+'''
+
+
+def test_adding_a_method_is_adding_one_file(tmp_path: Path) -> None:
+    """A copy of the package with one more file in methods/ trains with it and lists it;
+    nothing else of the copy is edited."""
+    copy = tmp_path / "site" / "xdt_cli"
+    shutil.copytree(
+        Path(xdt_cli.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (copy / "methods" / "half_erm.py").write_text(DROPPED_METHOD)
+    config = write_config(tmp_path / "tiny.yaml", {**TINY, "method": {"name": "half_erm"}})
+    env = {**os.environ, "PYTHONPATH": str(copy.parent)}
+
+    def xdt(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "xdt_cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
+
+    listed = xdt("methods", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert rows["half_erm"]["subcommands"] == ["train-source"]
+    assert rows["half_erm"]["origin"] == "xdt"
+    run = xdt("train-source", str(config), "train.steps=4", "--runs-dir", "runs", "--json", "-q")
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["status"] == "completed"
+    written = yaml.safe_load((tmp_path / summary["run_dir"] / "config.yaml").read_text())
+    assert written["method"]["name"] == "half_erm"
+    # the installed package (no such file) does not know it
+    assert "half_erm" not in {r["name"] for r in json.loads(_installed_methods())}
+
+
+def _installed_methods() -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "xdt_cli", "methods", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(xdt_cli.__file__).parents[1],
+    ).stdout

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 from xdt_cli.api import start_run
-from xdt_cli.config import load_config
 from xdt_cli.progress import Reporter
+from xdt_cli.resolve import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

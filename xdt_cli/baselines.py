@@ -1,5 +1,10 @@
-"""Single-task baselines and the multitask performance change Delta_m
-(`xdt multitask CONFIG --single-task-baselines`).
+"""Single-task baselines of a multitask run (`xdt multitask CONFIG --single-task-baselines`).
+
+A composite run, one floor above the core: `start_with_baselines` trains (or reuses) each
+task's baseline through the core API (`api.run_config`, `api.resume_run`), then trains the
+multitask run with their record (`api.run_config(..., single_task=...)`), which the regime
+builds into the run: single_task.json, and summary.json's `single_task` and `delta_m`.
+Nothing in the core imports this module.
 
 Each task is trained alone with the same budget: the run's config with `data.tasks` reduced
 to that task (its static weight dropped), `method.name: static`, hard parameter sharing (one
@@ -10,11 +15,8 @@ is trained once per (task data, settings, seed) and reused by every multitask ru
 needs it: static, equal, pcgrad, ... on one data set share their baselines. An interrupted
 baseline is resumed; one that another process is training is waited for.
 
-Delta_m (Maninis et al. 2019, "Attentive Single-Tasking of Multiple Tasks", CVPR; the
-standard measure of the multitask literature, e.g. Vandenhende et al. 2021, TPAMI):
-Delta_m = 100 / T * sum_t (-1)^{l_t} (M_t - S_t) / S_t, with M_t the multitask run's and
-S_t the baseline's test metric of task t (accuracy, or mse with l_t = 1: lower is better),
-each read at the checkpoint its own selection rule chose. Positive is better.
+Delta_m, the multitask performance change against the baselines (Maninis et al. 2019), is
+`evaluation.delta_m`, re-exported here.
 """
 
 from __future__ import annotations
@@ -25,13 +27,61 @@ import json
 from pathlib import Path
 from typing import Any
 
-from xdt_cli.config import ExperimentConfig, flatten, validate_config
+from xdt_cli.api import prepare_run, resume_run, run_config
+from xdt_cli.config import ExperimentConfig, flatten
 from xdt_cli.errors import XdtError
+from xdt_cli.evaluation import delta_m
 from xdt_cli.progress import Reporter
+from xdt_cli.resolve import validate_config
 from xdt_cli.runs import RunDir
+
+__all__ = [
+    "baseline_config",
+    "baseline_name",
+    "delta_m",
+    "run_baselines",
+    "start_with_baselines",
+    "test_metric",
+]
+
+
+def start_with_baselines(
+    config: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    baselines_dir: str | Path | None = None,
+    name: str | None = None,
+    runs_dir: str | Path | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """`xdt multitask CONFIG --single-task-baselines`: first train (or reuse, from
+    `baselines_dir`, default `<runs-dir>/single_task`) each task alone, then the multitask
+    run; its summary.json holds the baselines and Delta_m. The other arguments are
+    `api.start_run`'s; returns the multitask run's summary."""
+    reporter = reporter or Reporter()
+    cfg, runs_root = prepare_run(
+        "multitask", config, overrides, runs_dir=runs_dir, device=device, seed=seed
+    )
+    folder = Path(baselines_dir) if baselines_dir else runs_root / "single_task"
+    record = run_baselines(cfg, folder, reporter=reporter)
+    return run_config(
+        "multitask",
+        cfg,
+        runs_root,
+        name=name,
+        overwrite=overwrite,
+        reporter=reporter,
+        argv=argv,
+        single_task=record,
+    )
 
 
 def baseline_config(cfg: ExperimentConfig, task: str) -> ExperimentConfig:
+    """The config of `task`'s baseline: the multitask config reduced to that task alone."""
     data = cfg.model_dump(mode="json")
     section = dict(data["data"]["tasks"][task])
     section.pop("weight", None)
@@ -46,7 +96,9 @@ def baseline_config(cfg: ExperimentConfig, task: str) -> ExperimentConfig:
 
 def baseline_name(cfg: ExperimentConfig, task: str) -> str:
     """`<task>-seed<S>-<hash>`: the hash of every setting that is not empty (None, {}, []),
-    so a key added to the schema later, empty by default, keeps old baselines found."""
+    so a key added to the schema later, empty by default, keeps old baselines found. (Since
+    config.yaml records the resolved defaults, 2026-11-30, baselines trained before are not
+    found under their old names: they train again beside them.)"""
     flat = flatten(cfg.model_dump(mode="json", exclude={"name"}))
     kept = {k: v for k, v in flat.items() if v not in (None, [])}  # {} has no entries
     text = json.dumps(kept, sort_keys=True)
@@ -83,8 +135,6 @@ def run_baselines(cfg: ExperimentConfig, folder: Path, *, reporter: Reporter) ->
 
 
 def _train_or_reuse(cfg: ExperimentConfig, path: Path, reporter: Reporter) -> dict[str, Any]:
-    from xdt_cli.api import resume_run, run_config
-
     quiet = Reporter(quiet=True)
     for _ in range(3):  # a race with another process is settled within two rounds
         summary_path = path / "summary.json"
@@ -123,19 +173,3 @@ def _wait_while_locked(path: Path) -> None:
     with open(lock, "a") as fh:  # blocks while another process trains the baseline
         fcntl.flock(fh, fcntl.LOCK_EX)
         fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def delta_m(summary: dict[str, Any], baselines: dict[str, Any]) -> dict[str, Any]:
-    """summary.json's `delta_m`: per task and overall, in percent (positive is better)."""
-    best = summary.get("best") or {}
-    per_task: dict[str, float | None] = {}
-    for task, base in baselines.items():
-        value, reference = best.get(base["metric"]), base["value"]
-        if value is None or not reference:
-            per_task[task] = None
-            continue
-        sign = -1.0 if base["lower_is_better"] else 1.0
-        per_task[task] = round(100.0 * sign * (value - reference) / reference, 4)
-    known = [v for v in per_task.values() if v is not None]
-    overall = round(sum(known) / len(known), 4) if len(known) == len(per_task) else None
-    return {"per_task": per_task, "overall": overall}

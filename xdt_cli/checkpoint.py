@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from xdt_cli.config import first_line
 from xdt_cli.errors import CheckpointError
 from xdt_cli.files import atomic_write_bytes
 
@@ -48,7 +49,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: unreadable checkpoint (not a torch file, or damaged)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 160, kind=False)
         raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an xdt checkpoint (format {FORMAT} expected)")

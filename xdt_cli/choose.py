@@ -59,7 +59,6 @@ This module imports no torch (report.py, selection.py and search.py do not eithe
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import json
 import math
@@ -73,14 +72,16 @@ from xdt_cli.errors import ConfigError, XdtError
 from xdt_cli.report import (
     IGNORED_KEYS,
     RunRecord,
-    _finite,
-    _hashable,
-    _latex_escape,
-    _sort_key,
-    _value_text,
     check_format,
+    collect_runs,
     differing_keys,
+    finite,
+    hashable,
+    incomplete_runs,
+    latex_escape,
     leave_one_domain_out_rows,
+    sort_key,
+    value_text,
 )
 from xdt_cli.search import is_hyperparameter
 from xdt_cli.selection import (
@@ -148,11 +149,7 @@ def check_rule(rule: str) -> None:
             f"choose one of {', '.join(RULES)}"
         )
     if rule not in RULES:
-        close = difflib.get_close_matches(rule, list(RULES), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise XdtError(
-            f"--choose-by: unknown selection rule '{rule}'{hint}; known: {', '.join(RULES)}"
-        )
+        raise XdtError(RULES.unknown(rule, "--choose-by"))
 
 
 def choose(records: Sequence[RunRecord], rule: str) -> list[dict[str, Any]]:
@@ -173,7 +170,7 @@ def choose(records: Sequence[RunRecord], rule: str) -> list[dict[str, Any]]:
         if not columns:  # leave_one_domain_out's [t, v] runs: auxiliary
             continue
         flat = row_config(run)
-        ident = tuple(sorted(f"{k}={_hashable(v)}" for k, v in flat.items()))
+        ident = tuple(sorted(f"{k}={hashable(v)}" for k, v in flat.items()))
         _, cells = rows.setdefault(ident, (flat, {}))
         candidate = _candidate(run, rule, lodo.get(run.path))
         for column in columns:
@@ -193,7 +190,7 @@ def choose(records: Sequence[RunRecord], rule: str) -> list[dict[str, Any]]:
         out.append(
             {"row": {k: flat.get(k) for k in shown}, "columns": columns, "avg": _avg(columns)}
         )
-    out.sort(key=lambda entry: _sort_key(tuple(entry["row"].values())))
+    out.sort(key=lambda entry: sort_key(tuple(entry["row"].values())))
     return out
 
 
@@ -274,8 +271,8 @@ def _candidate(run: RunRecord, rule: str, lodo_row: Row | None) -> Candidate | N
 
 
 def _number(value: Any) -> float:
-    finite = _finite(value)
-    return math.nan if finite is None else finite
+    number = finite(value)
+    return math.nan if number is None else number
 
 
 def _best(candidates: Sequence[Candidate]) -> Candidate:
@@ -290,7 +287,7 @@ def _best(candidates: Sequence[Candidate]) -> Candidate:
 
 def _column_result(cell: _Cell) -> dict[str, Any]:
     trials = []
-    for trial in sorted(cell.by_trial, key=_sort_key):
+    for trial in sorted(cell.by_trial, key=sort_key):
         candidates = cell.by_trial[trial]
         winner = _best(candidates)
         trials.append(
@@ -299,8 +296,8 @@ def _column_result(cell: _Cell) -> dict[str, Any]:
                 "run": str(winner.run.path),
                 "step": winner.row.get("step"),
                 "val_metric": winner.val_metric,
-                "val": _finite(winner.val),
-                "test": _finite(winner.row.get(cell.column.metric)),
+                "val": finite(winner.val),
+                "test": finite(winner.row.get(cell.column.metric)),
                 "draws": len(candidates),
                 "hparams": hyperparameters(winner.run),
             }
@@ -315,7 +312,7 @@ def _avg(columns: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ]
     complete = set.intersection(*(set(p) for p in per_column)) if per_column else set()
     values = []
-    for trial in sorted(complete, key=_sort_key):
+    for trial in sorted(complete, key=sort_key):
         tests = [p[trial] for p in per_column]
         values.append(None if None in tests else statistics.mean(tests))
     return stats(values)
@@ -457,7 +454,7 @@ def _mean_std(stats: dict[str, Any], pm: str = "±") -> str:
 
 def _cells(entry: dict[str, Any], keys: list[str], columns: Sequence[str]) -> list[str]:
     return [
-        *(_value_text(entry["row"][k]) for k in keys),
+        *(value_text(entry["row"][k]) for k in keys),
         *(_mean_std(_stats_of(entry, c)) for c in columns),
     ]
 
@@ -496,10 +493,10 @@ def _latex(rows: list[dict[str, Any]], keys: list[str], columns: Sequence[str]) 
 
     spec = "l" * len(keys) + "r" * len(columns)
     lines = [rf"\begin{{tabular}}{{{spec}}}", r"  \hline"]
-    lines.append(line([_latex_escape(c) for c in [*keys, *columns]]))
+    lines.append(line([latex_escape(c) for c in [*keys, *columns]]))
     lines.append(r"  \hline")
     for entry in rows:
-        cells = [_latex_escape(_value_text(entry["row"][k])) for k in keys]
+        cells = [latex_escape(value_text(entry["row"][k])) for k in keys]
         lines.append(line([*cells, *(_mean_std(_stats_of(entry, c), r"$\pm$") for c in columns)]))
     lines += [r"  \hline", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -523,3 +520,31 @@ def _table(tables: dict[tuple[str, ...], list[dict[str, Any]]], keys, note, widt
             table.add_row(*_cells(entry, keys, columns))
         Console(file=buf, width=width or 250, highlight=False).print(table)
     return buf.getvalue()
+
+
+def report_choice(
+    paths: Sequence[str | Path] | None,
+    rule: str,
+    *,
+    fmt: str = "table",
+    width: int | None = None,
+    given: Sequence[str] = (),
+) -> tuple[str, list[str]]:
+    """What `xdt report --choose-by RULE` prints: (the rendered text, the runs left out).
+
+    The runs are a hyper-parameter search, reported as DomainBed does: rows and columns are
+    fixed by the search, so the options in `given` (`--group-by`, `--metric`, `--selection`
+    when the user set them) are refused with it."""
+    conflicts = [
+        f"--choose-by and {option}: one or the other (--choose-by sets the rows, the "
+        "columns, their metrics and the selection rule)"
+        for option in given
+    ]
+    if conflicts:
+        raise XdtError(*conflicts)
+    check_rule(rule)
+    check_format(fmt)
+    records = collect_runs(paths)
+    choices = choose(records, rule)
+    note = describe_choice(records, rule, choices)
+    return render_choice(choices, fmt, note=note, width=width), incomplete_runs(records)

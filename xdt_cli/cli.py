@@ -11,6 +11,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from xdt_cli import __version__
+from xdt_cli.config import first_line
 from xdt_cli.errors import RunInterrupted, XdtError
 
 # click's ClickException (usage errors, bad options) is the base of typer.BadParameter;
@@ -118,8 +120,7 @@ def _guard(debug: bool, body: Callable[[], int]) -> None:
     except Exception as exc:  # a runtime failure: a message and a hint, no traceback
         if debug:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _err(f"error: {type(exc).__name__}: {first}")
+        _err(f"error: {first_line(exc)}")
         if not debug:
             _err("hint: run again with --debug to see the traceback")
         raise typer.Exit(1) from None
@@ -176,55 +177,67 @@ OverwriteOpt = Annotated[
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 
-def _start(
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of every training subcommand, handed down as one object."""
+
+    name: str | None = None
+    runs_dir: Path | None = None
+    device: str | None = None
+    seed: int | None = None
+    quiet: bool = False
+    as_json: bool = False
+    overwrite: bool = False
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class Composite:
+    """What makes a training command start more than one run (each only on its subcommand)."""
+
+    leave_one_out: bool = False  # generalize --leave-one-out
+    single_task_baselines: bool = False  # multitask --single-task-baselines
+    baselines_dir: Path | None = None  # multitask --baselines-dir
+
+
+def _train(
     subcommand: str,
     config: Path,
-    overrides,
-    name,
-    runs_dir,
-    device,
-    seed,
-    quiet,
-    as_json,
-    overwrite,
-    debug,
-    leave_one_out: bool = False,
-    baselines: tuple[bool, Path | None] = (False, None),
+    overrides: list[str] | None,
+    options: RunOptions,
+    composite: Composite = Composite(),
 ) -> None:
+    """The one path of the five training subcommands: one run (api.py), or a composite of
+    runs above it (leave_one_out.py, baselines.py)."""
+
     def body() -> int:
-        from xdt_cli.api import start_leave_one_out, start_run
+        from xdt_cli.api import start_run
+        from xdt_cli.baselines import start_with_baselines
+        from xdt_cli.leave_one_out import start_leave_one_out
         from xdt_cli.progress import Reporter
 
-        if leave_one_out:
-            summary = start_leave_one_out(
-                config,
-                overrides or [],
-                name=name,
-                runs_dir=runs_dir,
-                device=device,
-                seed=seed,
-                overwrite=overwrite,
-                reporter=Reporter(quiet=quiet or _rank() > 0),
-                argv=sys.argv,
+        if composite.baselines_dir is not None and not composite.single_task_baselines:
+            raise XdtError("--baselines-dir: only used with --single-task-baselines")
+        common = {
+            "name": options.name,
+            "runs_dir": options.runs_dir,
+            "device": options.device,
+            "seed": options.seed,
+            "overwrite": options.overwrite,
+            "reporter": Reporter(quiet=options.quiet or _rank() > 0),
+            "argv": sys.argv,
+        }
+        if composite.leave_one_out:
+            summary = start_leave_one_out(config, overrides or [], **common)
+        elif composite.single_task_baselines:
+            summary = start_with_baselines(
+                config, overrides or [], baselines_dir=composite.baselines_dir, **common
             )
-            return _finish(summary, as_json)
-        summary = start_run(
-            subcommand,
-            config,
-            overrides or [],
-            name=name,
-            runs_dir=runs_dir,
-            device=device,
-            seed=seed,
-            overwrite=overwrite,
-            reporter=Reporter(quiet=quiet or _rank() > 0),
-            argv=sys.argv,
-            single_task_baselines=baselines[0],
-            baselines_dir=baselines[1],
-        )
-        return _finish(summary, as_json)
+        else:
+            summary = start_run(subcommand, config, overrides or [], **common)
+        return _finish(summary, options.as_json)
 
-    _guard(debug, body)
+    _guard(options.debug, body)
 
 
 @app.command("train-source")
@@ -244,19 +257,17 @@ def train_source(
 
     Example: xdt train-source configs/quickstart.yaml train.steps=500 --name mnist-500 --json
     """
-    _start(
-        "train-source",
-        config,
-        overrides,
-        name,
-        runs_dir,
-        device,
-        seed,
-        quiet,
-        as_json,
-        overwrite,
-        debug,
+    options = RunOptions(
+        name=name,
+        runs_dir=runs_dir,
+        device=device,
+        seed=seed,
+        quiet=quiet,
+        as_json=as_json,
+        overwrite=overwrite,
+        debug=debug,
     )
+    _train("train-source", config, overrides, options)
 
 
 @app.command("finetune")
@@ -276,23 +287,21 @@ def finetune(
 
     The model starts from `init` (a source run, a checkpoint, a weights file or ImageNet
     weights); `model.preset`, `model.freeze` and `model.trainable` choose the parameters that
-    stay fixed and those that train; `method.name` is `erm`, `l2sp`, `bss` or `delta`.
+    stay fixed and those that train; `method.name` is a fine-tuning rule (`xdt methods`).
 
     Example: xdt finetune configs/transfer/digits_to_mnist5k_finetune_10shot.yaml --seed 1
     """
-    _start(
-        "finetune",
-        config,
-        overrides,
-        name,
-        runs_dir,
-        device,
-        seed,
-        quiet,
-        as_json,
-        overwrite,
-        debug,
+    options = RunOptions(
+        name=name,
+        runs_dir=runs_dir,
+        device=device,
+        seed=seed,
+        quiet=quiet,
+        as_json=as_json,
+        overwrite=overwrite,
+        debug=debug,
     )
+    _train("finetune", config, overrides, options)
 
 
 @app.command("transfer")
@@ -316,19 +325,17 @@ def transfer(
 
     Example: xdt transfer configs/transfer/digits_to_mnist5k_dann.yaml --seed 1 --json
     """
-    _start(
-        "transfer",
-        config,
-        overrides,
-        name,
-        runs_dir,
-        device,
-        seed,
-        quiet,
-        as_json,
-        overwrite,
-        debug,
+    options = RunOptions(
+        name=name,
+        runs_dir=runs_dir,
+        device=device,
+        seed=seed,
+        quiet=quiet,
+        as_json=as_json,
+        overwrite=overwrite,
+        debug=debug,
     )
+    _train("transfer", config, overrides, options)
 
 
 @app.command("multitask")
@@ -364,24 +371,27 @@ def multitask(
 
     Tasks are `data.tasks.<task>` (data set, label, loss, weight); tasks on the same inputs
     share each batch, a task with its own data set brings its own. `model.arch` is hps (one
-    shared encoder) or mmoe; `method.name` is the task weighting (static, equal, uncertainty,
-    dwa, gradnorm, pcgrad, mgda, rlw), logged as train/weight_<task>.
+    shared encoder) or mmoe; `method.name` is the task weighting (`xdt methods` lists them),
+    logged as train/weight_<task>.
 
     Example: xdt multitask configs/multitask/multimnist5k_static.yaml --single-task-baselines
     """
-    _start(
+    options = RunOptions(
+        name=name,
+        runs_dir=runs_dir,
+        device=device,
+        seed=seed,
+        quiet=quiet,
+        as_json=as_json,
+        overwrite=overwrite,
+        debug=debug,
+    )
+    _train(
         "multitask",
         config,
         overrides,
-        name,
-        runs_dir,
-        device,
-        seed,
-        quiet,
-        as_json,
-        overwrite,
-        debug,
-        baselines=(single_task_baselines, baselines_dir),
+        options,
+        Composite(single_task_baselines=single_task_baselines, baselines_dir=baselines_dir),
     )
 
 
@@ -411,27 +421,24 @@ def generalize(
     Every step takes a batch from each training domain of `data.dataset` (`data.domains`
     minus `data.test_domains`); held-out domains are only evaluated. With
     data.test_domains=[] every domain trains, and the summary gives the mean and the worst
-    domain's test accuracy. `method.name` picks the algorithm (erm, irm, vrex, groupdro,
-    coral, mmd, mixup, mldg); `selection.rule` is training_domain_val (default), oracle
+    domain's test accuracy. `method.name` picks the algorithm (`xdt methods` lists
+    them); `selection.rule` is training_domain_val (default), oracle
     (DomainBed's: the last checkpoint) or leave_one_domain_out (DomainBed's; with
     --leave-one-out only).
 
     Example: xdt generalize configs/generalize/rotated_mnist5k_erm.yaml data.test_domains=[rot75]
     """
-    _start(
-        "generalize",
-        config,
-        overrides,
-        name,
-        runs_dir,
-        device,
-        seed,
-        quiet,
-        as_json,
-        overwrite,
-        debug,
-        leave_one_out,
+    options = RunOptions(
+        name=name,
+        runs_dir=runs_dir,
+        device=device,
+        seed=seed,
+        quiet=quiet,
+        as_json=as_json,
+        overwrite=overwrite,
+        debug=debug,
     )
+    _train("generalize", config, overrides, options, Composite(leave_one_out=leave_one_out))
 
 
 @app.command("resume")
@@ -486,8 +493,9 @@ def validate(
     """
 
     def body() -> int:
-        from xdt_cli.config import dump_config, load_config
+        from xdt_cli.config import dump_config
         from xdt_cli.regimes import build_experiment
+        from xdt_cli.resolve import load_config
         from xdt_cli.runtime import Runtime
 
         cfg = load_config(config, overrides or [], subcommand=subcommand)
@@ -574,7 +582,7 @@ def evaluate(
         list[str] | None,
         typer.Option(
             "--data",
-            help="DATASET or DATASET:DOMAIN to score (repeatable); default: the run's domains.",
+            help="DATASET or DATASET:DOMAIN to score (repeatable); default: the run's own data.",
             show_default=False,
             metavar="DATASET[:DOMAIN]",
         ),
@@ -596,15 +604,17 @@ def evaluate(
     ] = "cpu",
     debug: DebugOpt = False,
 ) -> None:
-    """Score a trained run's checkpoint on its own domains or any compatible data set.
+    """Score a trained run's checkpoint on its own data or any compatible data set.
 
-    Metrics are `<domain>/<split>/<acc|loss>`; best and last reproduce summary's best and final.
+    Every subcommand's run is rebuilt as it trained. Metrics are named as in training
+    (`<domain>/<split>/<acc|loss>`, `<task>/<split>/...` for multitask, and the run's averages);
+    best and last reproduce summary's best and final.
 
     Example: xdt evaluate runs/first --data digits --split all --json
     """
 
     def body() -> int:
-        from xdt_cli.evaluate import evaluate_run, print_result
+        from xdt_cli.evaluate_run import evaluate_run, print_result
 
         result = evaluate_run(run_dir, checkpoint, data, split, device, features)
         if as_json:
@@ -678,18 +688,32 @@ def report(
     def body() -> int:
         import shutil
 
+        from xdt_cli.choose import report_choice
         from xdt_cli.report import report as make_report
 
         width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
-        text, left_out = make_report(
-            runs_dirs,
-            group_by=group_by,
-            metrics=metric,
-            selection=selection,
-            fmt=fmt,
-            width=width,
-            choose_by=choose_by,
-        )
+        if choose_by is not None:
+            given = {
+                "--group-by": group_by is not None,
+                "--selection": selection != "summary",
+                "--metric": bool(metric),
+            }
+            text, left_out = report_choice(
+                runs_dirs,
+                choose_by,
+                fmt=fmt,
+                width=width,
+                given=[option for option, used in given.items() if used],
+            )
+        else:
+            text, left_out = make_report(
+                runs_dirs,
+                group_by=group_by,
+                metrics=metric,
+                selection=selection,
+                fmt=fmt,
+                width=width,
+            )
         print(text, end="")
         for line in left_out:
             _err(f"not reported: {line}")

@@ -70,6 +70,7 @@ from xdt_cli.config import (
     OneCycleSchedule,
     SGDConfig,
     StepSchedule,
+    first_line,
 )
 from xdt_cli.data import InMemoryStream, Split
 from xdt_cli.errors import CheckpointError, NonFiniteLoss, RunInterrupted
@@ -100,9 +101,13 @@ class Selection:
         return {**out, "note": self.note} if self.note else out
 
 
-@dataclass
+@dataclass(frozen=True)
 class Experiment:
-    """What a regime hands the engine: the method, its training streams and eval sets."""
+    """What a regime hands the engine: the method, its training streams and eval sets.
+
+    Built complete by `regimes.build_experiment` (frozen: nothing patches it afterwards);
+    what a composite run adds to a run, such as a multitask run's single-task baselines,
+    is an argument of that function."""
 
     subcommand: str
     method: Method
@@ -126,8 +131,9 @@ class Experiment:
     # scores the method instead of `evaluation.evaluate` over `eval_sets` (multitask: per
     # task metrics); called as evaluator(method, batch_size=, device=, autocast=)
     evaluator: Callable[..., dict[str, float]] | None = None
-    # extra entries of summary.json (multitask: the single-task baselines), and a function
-    # of the summary giving more (their Delta_m, which needs the run's best metrics)
+    # extra entries of summary.json (multitask: the single-task baselines it is compared
+    # with), and a function of the summary giving more (their Delta_m, which needs the
+    # run's best metrics)
     summary_extra: dict[str, Any] = field(default_factory=dict)
     finish_summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
@@ -347,8 +353,8 @@ class Engine:
             self.log_count = int(state["log_count"])
             self.elapsed_before = float(state["elapsed"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{source}: does not match this run ({first[:200]})") from None
+            first = first_line(exc, 200, kind=False)
+            raise CheckpointError(f"{source}: does not match this run ({first})") from None
 
     def _saved_sums(self, state: dict[str, Any]) -> dict[str, Tensor]:
         """The open log window's sums to continue from: a torchrun run saved every rank's;

@@ -1,25 +1,15 @@
 """User-facing errors: each one carries a message that names the bad key, file or argument.
 
 The CLI turns an `XdtError` into exit code 2 and one line per problem on stderr, never a
-traceback. Anything else that escapes is a runtime failure (exit 1).
+traceback. Anything else that escapes is a runtime failure (exit 1). `XdtError` and
+`ConfigError` live on the ground floor (xdt_cli/config/errors.py); this module adds the rest.
 """
 
 from __future__ import annotations
 
+from xdt_cli.config.errors import ConfigError, XdtError  # the ground floor defines them
 
-class XdtError(Exception):
-    """A problem with what the user gave us (config, argument, file, checkpoint).
-
-    `lines` holds one message per problem; `str(err)` joins them.
-    """
-
-    def __init__(self, *lines: str) -> None:
-        self.lines = [" ".join(str(line).split()) for line in lines if line]
-        super().__init__("\n".join(self.lines))
-
-
-class ConfigError(XdtError):
-    """The config file, a `base:` config, or an override is invalid."""
+__all__ = ["CheckpointError", "ConfigError", "NonFiniteLoss", "RunInterrupted", "XdtError"]
 
 
 class CheckpointError(XdtError):

@@ -1,10 +1,13 @@
 """Evaluation: score a method on every eval split and return flat, contract-named metrics.
 
-Names are `<domain>/<split>/<metric>` (e.g. `mnist5k/test/acc`, `digits/val/loss`). Every
-evaluation scores the val and test splits of every domain, so that any selection rule can be
-recomputed later from metrics.jsonl alone. A split gives its batches through
-`split.batches(batch_size, device)`: in-memory tensors (uint8 made float per batch) or image
-files decoded by DataLoader workers, both through the domain's eval transforms.
+Core floor, used by the engine (every eval row) and by `xdt evaluate` (evaluate_run.py).
+Names are `<domain>/<split>/<metric>` (e.g. `mnist5k/test/acc`, `digits/val/loss`), or
+`<task>/<split>/<metric>` for multitask. Every evaluation during training scores the val and
+test splits of every domain, so that any selection rule can be recomputed later from
+metrics.jsonl alone. A split gives its batches through `split.batches(batch_size, device)`:
+in-memory tensors (uint8 made float per batch) or image files decoded by DataLoader workers,
+both through the domain's eval transforms. `delta_m` compares a multitask run's summary
+with single-task baselines.
 
 Under torchrun every rank scores its share of each split (`distributed.shard()`) and the
 sums (correct predictions, summed losses, counts) are all-reduced before dividing, so each
@@ -13,7 +16,9 @@ number is that of the whole split, on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,7 @@ from torch import Tensor
 
 from xdt_cli import distributed
 from xdt_cli.data import FileSplit, Split
+from xdt_cli.data.tasks import EVAL_SPLITS
 from xdt_cli.methods.base import Method
 
 
@@ -80,16 +86,18 @@ def evaluate_tasks(
     batch_size: int,
     device: torch.device,
     autocast: AbstractContextManager,
+    splits: Sequence[str] = EVAL_SPLITS,
 ) -> dict[str, float]:
-    """Multitask: `<task>/<split>/<metric>` for the val and test splits of every task group
-    (data/tasks.py): `acc` and `loss` for ce and bce tasks, `mse` and `mae` for mse tasks.
-    Samples whose label is missing (-1 or NaN) are not counted. `specs`: task -> loss kind."""
+    """Multitask: `<task>/<split>/<metric>` for the `splits` (val and test while training)
+    of every task group (data/tasks.py): `acc` and `loss` for ce and bce tasks, `mse` and
+    `mae` for mse tasks. Samples whose label is missing (-1 or NaN) are not counted.
+    `specs`: task -> loss kind."""
     was_training = method.training
     method.eval()
     metrics: dict[str, float] = {}
     try:
         for group in groups:
-            for split_name in ("val", "test"):
+            for split_name in splits:
                 sums = {t: torch.zeros(3, dtype=torch.float64, device=device) for t in group.tasks}
                 labels = {t: y.to(device) for t, y in group.labels[split_name].items()}
                 split = group.domain.splits[split_name]
@@ -128,3 +136,27 @@ def _task_sums(kind: str, out: Tensor, y: Tensor) -> Tensor:
             first = ((out - y) ** 2).sum().double()
             second = (out - y).abs().sum().double()
     return torch.stack([mask.sum().double(), first, second])
+
+
+def delta_m(summary: dict[str, Any], baselines: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's `delta_m`: the multitask performance change against single-task
+    baselines, per task and overall, in percent (positive is better).
+
+    Delta_m (Maninis et al. 2019, "Attentive Single-Tasking of Multiple Tasks", CVPR; the
+    standard measure of the multitask literature, e.g. Vandenhende et al. 2021, TPAMI):
+    Delta_m = 100 / T * sum_t (-1)^{l_t} (M_t - S_t) / S_t, with M_t the multitask run's and
+    S_t the baseline's test metric of task t (accuracy, or mse with l_t = 1: lower is
+    better), each read at the checkpoint its own selection rule chose. `baselines`:
+    {task: {"metric", "lower_is_better", "value", ...}} (baselines.run_baselines)."""
+    best = summary.get("best") or {}
+    per_task: dict[str, float | None] = {}
+    for task, base in baselines.items():
+        value, reference = best.get(base["metric"]), base["value"]
+        if value is None or not reference:
+            per_task[task] = None
+            continue
+        sign = -1.0 if base["lower_is_better"] else 1.0
+        per_task[task] = round(100.0 * sign * (value - reference) / reference, 4)
+    known = [v for v in per_task.values() if v is not None]
+    overall = round(sum(known) / len(known), 4) if len(known) == len(per_task) else None
+    return {"per_task": per_task, "overall": overall}

@@ -77,7 +77,8 @@ def plan_freezing(model: Classifier, cfg: ModelConfig) -> FreezePlan:
         train = {n for n in names if n.startswith("head.")}
     elif cfg.preset == "last_k_blocks":
         all_blocks = blocks(model)
-        k = cfg.k_blocks or 1
+        k = cfg.k_blocks  # the schema resolved its default, 1
+        assert k is not None
         if k > len(all_blocks):
             raise ConfigError(
                 f"model.k_blocks: {k} is more than the {len(all_blocks)} blocks of '{cfg.backbone}'"

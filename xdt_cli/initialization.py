@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from xdt_cli.checkpoint import load_checkpoint, unwrap_state_dict
-from xdt_cli.config import ExperimentConfig, read_yaml
+from xdt_cli.config import ExperimentConfig, first_line, read_yaml
 from xdt_cli.errors import CheckpointError, ConfigError, XdtError
 from xdt_cli.models import Classifier
 
@@ -99,8 +99,8 @@ def _from_weights_file(path: Path, model: Classifier) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (any unpickling error: report the file)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"init.weights: {path} cannot be read safely ({first[:160]})") from None
+        first = first_line(exc, 160, kind=False)
+        raise ConfigError(f"init.weights: {path} cannot be read safely ({first})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -150,7 +150,7 @@ def _imagenet(backbone: str, model: Classifier) -> dict[str, Tensor]:
                 weights.url, progress=False, check_hash=True, map_location="cpu", weights_only=True
             )
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
-        reason = getattr(exc, "reason", None) or str(exc).splitlines()[0][:120]
+        reason = getattr(exc, "reason", None) or first_line(exc, 120, kind=False)
         raise ConfigError(
             f"init.pretrained: ImageNet weights of {backbone} are not in torch's cache "
             f"({cache}) and could not be downloaded ({reason}); fetch {weights.url} into "
@@ -170,7 +170,7 @@ def _timm_imagenet(name: str, model: Classifier) -> dict[str, Tensor]:
         with contextlib.redirect_stdout(sys.stderr):
             pretrained = timm.create_model(name, pretrained=True, num_classes=0, in_chans=channels)
     except Exception as exc:  # noqa: BLE001  (hub, network and file errors have many types)
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 160, kind=False)
         raise ConfigError(
             f"init.pretrained: ImageNet weights of timm:{name} are not in the Hugging Face "
             f"cache and could not be downloaded ({reason}); fetch them on a machine with "
@@ -208,5 +208,5 @@ def _load(model: Classifier, state: dict[str, Any], key: str) -> str:
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # dtype or other mismatch not caught above
-        raise XdtError(f"{key}: cannot load the weights ({str(exc).splitlines()[0]})") from None
+        raise XdtError(f"{key}: cannot load the weights ({first_line(exc, kind=False)})") from None
     return note

@@ -1,7 +1,7 @@
 """`xdt datasets` and `xdt methods`: what is registered, as rows for a table or JSON
 (`xdt methods` also shows the selection rules, selection.py's one definition of each).
 
-Both load the plug-ins first, and every row says its origin: the distribution that
+Both load the plug-ins first (registry.py), and every row says its origin: the distribution that
 registered it, `xdt` for built-ins. Split sizes are shown for the embedded sets only; the
 others would need their files (see `root`).
 """
@@ -17,11 +17,9 @@ from rich.table import Table
 def dataset_rows() -> list[dict[str, Any]]:
     from xdt_cli.data import DATASETS, load_domain
     from xdt_cli.data.registry import describe
-    from xdt_cli.plugins import load_plugins
 
-    load_plugins("datasets")
     rows = []
-    for spec in DATASETS.values():
+    for _, spec, _ in DATASETS.listing():
         row = describe(spec)
         sizes: dict[str, dict[str, int]] = {}
         if spec.load is not None:  # in memory: cheap to load and split
@@ -36,9 +34,7 @@ def dataset_rows() -> list[dict[str, Any]]:
 
 def method_rows() -> list[dict[str, Any]]:
     from xdt_cli.methods import METHODS
-    from xdt_cli.plugins import load_plugins, origin
 
-    load_plugins("methods")
     return [
         {
             "name": cls.name,
@@ -47,27 +43,20 @@ def method_rows() -> list[dict[str, Any]]:
             "paper": cls.paper,
             "description": (cls.__doc__ or "").strip().splitlines()[0],
             "torchrun": cls.synchronised,
-            "origin": origin("methods", cls.name),
+            "origin": origin,
         }
-        for cls in METHODS.values()
+        for _, cls, origin in METHODS.listing()
     ]
 
 
 def method_detail(name: str) -> dict[str, Any]:
     """One method for `xdt methods NAME`: its row, its whole description and its search
     space (search.py): its own keys, then the shared keys for each optimizer and image size."""
-    import difflib
-
-    from xdt_cli.errors import XdtError
     from xdt_cli.methods import METHODS
     from xdt_cli.search import shared_space
 
+    cls = METHODS.lookup(name, "NAME")
     rows = {row["name"]: row for row in method_rows()}
-    if name not in rows:
-        close = difflib.get_close_matches(name, list(rows), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise XdtError(f"NAME: unknown method '{name}'{hint}; xdt methods lists them")
-    cls = METHODS[name]
     defaults = rows[name]["defaults"]
 
     def entry(key: str, param: Any, default: Any) -> dict[str, Any]:

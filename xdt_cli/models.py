@@ -4,7 +4,7 @@
 maps an image batch to flat vectors of size `feature_dim` and whose `head` maps those to
 class logits. Backbones, looked up in this order:
 - the registry `BACKBONES`: the built-in `lenet`, `cnn` and `brief_cnn` for small images,
-  and those that plug-ins register (entry-point group `xdt.backbones`, see plugins.py);
+  and those that plug-ins register (entry-point group `xdt.backbones`, see registry.py);
 - `timm:<name>`: a timm model without its classifier, when the optional `timm` package is
   installed;
 - any torchvision classification model by name, its last linear layer becoming the head.
@@ -13,14 +13,15 @@ A backbone's feature size is measured on one dummy image of the data's shape.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from xdt_cli.errors import ConfigError
+from xdt_cli.config import ConfigError, did_you_mean
+from xdt_cli.registry import Registry
 
 
 class Classifier(nn.Module):
@@ -120,21 +121,27 @@ class BackboneSpec:
     name: str
     build: BackboneFactory
     description: str = ""
-    origin: str = "xdt"
 
 
-BACKBONES: dict[str, BackboneSpec] = {}
+def _plugged(name: str, obj: Any) -> list[tuple[str, BackboneSpec]]:
+    """An `xdt.backbones` entry point that names an object: a factory, under the point's name."""
+    if not callable(obj):
+        raise TypeError(f"{type(obj).__name__}; expected a factory (in_channels) -> nn.Module")
+    return [(name, _spec(name, obj, (obj.__doc__ or "").strip()))]
 
 
-def register_backbone(
-    name: str, build: BackboneFactory, *, description: str = "", origin: str = "xdt"
-) -> BackboneSpec:
+BACKBONES: Registry[BackboneSpec] = Registry("backbone", group="xdt.backbones", coerce=_plugged)
+
+
+def _spec(name: str, build: BackboneFactory, description: str) -> BackboneSpec:
+    if name.startswith("timm:"):
+        raise ValueError(f"backbone '{name}': the prefix timm: names timm's models")
+    return BackboneSpec(name, build, description.splitlines()[0] if description else "")
+
+
+def register_backbone(name: str, build: BackboneFactory, *, description: str = "") -> BackboneSpec:
     """Add a backbone under `name` (plug-ins call this, or name a factory in an entry point)."""
-    if name in BACKBONES or name.startswith("timm:"):
-        raise ValueError(f"backbone '{name}' is registered twice")
-    spec = BackboneSpec(name, build, description.splitlines()[0] if description else "", origin)
-    BACKBONES[name] = spec
-    return spec
+    return BACKBONES.register(name, _spec(name, build, description))
 
 
 for _name, _build in BUILTIN_BACKBONES.items():
@@ -187,8 +194,7 @@ def _timm_features(name: str, channels: int) -> tuple[nn.Module, int]:
             f"model.backbone: 'timm:{name}' needs the optional package timm (pip install timm)"
         ) from None
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=1)
-        hint = f" (did you mean 'timm:{close[0]}'?)" if close else ""
+        hint = did_you_mean(name, timm.list_models(), prefix="timm:")
         raise ConfigError(f"model.backbone: timm has no model '{name}'{hint}")
     model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=channels)
     return model, int(model.num_features)
@@ -212,9 +218,7 @@ def _measured(features: nn.Module, input_shape: tuple[int, ...], backbone: str) 
 
 def create_model(backbone: str, input_shape: tuple[int, ...], num_classes: int) -> Classifier:
     """Build the classifier for inputs of `input_shape` (C, H, W) and `num_classes` classes."""
-    from xdt_cli.plugins import load_plugins
-
-    load_plugins("backbones")
+    BACKBONES.load_plugins()
     channels = input_shape[0]
     if backbone in BACKBONES:
         features = BACKBONES[backbone].build(channels)
@@ -224,8 +228,7 @@ def create_model(backbone: str, input_shape: tuple[int, ...], num_classes: int) 
     else:
         known = torchvision_backbones()
         if backbone not in known:
-            close = difflib.get_close_matches(backbone, [*BACKBONES, *known], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(backbone, [*BACKBONES, *known])
             raise ConfigError(
                 f"model.backbone: unknown backbone '{backbone}'{hint}; use "
                 f"{', '.join(BACKBONES)}, timm:<name> or a torchvision classification model name"
@@ -260,8 +263,8 @@ class MultiTaskModel(nn.Module):
         input_shape: tuple[int, ...],
         heads: dict[str, int],
         *,
-        arch: str = "hps",
-        experts: int = 3,
+        arch: str | None = "hps",
+        experts: int | None = 3,
         hidden: dict[str, list[int]] | None = None,
     ) -> None:
         super().__init__()
@@ -271,7 +274,7 @@ class MultiTaskModel(nn.Module):
             probe = create_model(backbone, input_shape, 1)
             self.features = probe.features
             dim = probe.feature_dim
-        elif arch == "mmoe":
+        elif arch == "mmoe" and experts is not None:
             built = [create_model(backbone, input_shape, 1) for _ in range(experts)]
             self.experts = nn.ModuleList(b.features for b in built)
             dim = built[0].feature_dim

@@ -1,8 +1,14 @@
-"""Regimes: what each subcommand feeds the engine.
+"""Regimes: what each subcommand feeds the engine (the core, below api.py).
 
 `build_experiment(subcommand, cfg, runtime)` decides the data streams of a training step,
-the domains evaluated, how the model starts and how the best checkpoint is chosen. The
-method (the loss) comes from `method.name`; the loop is the engine's.
+the domains evaluated, how the model starts and how the best checkpoint is chosen, and
+returns the engine's `Experiment`, complete. The method (the loss) comes from
+`method.name`; the loop is the engine's. `build_run` gives the same Experiment and the data
+it evaluates with every split (`EvalData`): `xdt evaluate` (evaluate_run.py) rebuilds a
+trained run through it, so the model, method and data are those the run trained with.
+What a composite run adds to one of its runs is an argument here, never a patch afterwards:
+a multitask run compared with single-task baselines (baselines.py) gets their record as
+`single_task`, and summary.json then holds it and Delta_m.
 
 - train-source: one stream, `data.source` with labels; `data.target` is only evaluated.
 - finetune: one stream, `data.target` with labels (a few per class with
@@ -43,7 +49,7 @@ normalised) are written to `<run>/weights.json`.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +60,10 @@ from torch import Tensor
 from xdt_cli.config import DomainConfig, ExperimentConfig
 from xdt_cli.data import Domain, check_compatible, load_configured_domain, make_stream
 from xdt_cli.data.registry import get_spec
-from xdt_cli.data.tasks import TaskStream, load_task_groups
+from xdt_cli.data.tasks import TaskGroup, TaskStream, load_task_groups
 from xdt_cli.engine import Experiment, Selection
-from xdt_cli.errors import ConfigError
-from xdt_cli.evaluation import evaluate_tasks
+from xdt_cli.errors import ConfigError, XdtError
+from xdt_cli.evaluation import delta_m, evaluate_tasks
 from xdt_cli.freezing import param_groups, plan_freezing
 from xdt_cli.initialization import initialize
 from xdt_cli.methods import METHODS
@@ -65,17 +71,68 @@ from xdt_cli.models import Classifier, MultiTaskModel, create_model
 from xdt_cli.runtime import Runtime, seed_everything
 from xdt_cli.selection import RULES, Layout
 
+# the file of a multitask run's folder that records its single-task baselines (`resume`
+# reads it back)
+SINGLE_TASK_FILE = "single_task.json"
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The data a run evaluates, every split included (train, val, test).
+
+    `domains`: the domains evaluated, by name in evaluation order (every regime with one
+    model; the Experiment's eval_sets hold their val and test splits). `task_groups` and
+    `task_losses` (multitask): the groups of tasks by inputs and each task's loss kind."""
+
+    domains: dict[str, Domain] = field(default_factory=dict)
+    task_groups: list[TaskGroup] = field(default_factory=list)
+    task_losses: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuiltRun:
+    """What `build_run` gives: the engine's Experiment and the data it evaluates."""
+
+    experiment: Experiment
+    data: EvalData
+
 
 def build_experiment(
-    subcommand: str, cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool = False
+    subcommand: str,
+    cfg: ExperimentConfig,
+    runtime: Runtime,
+    *,
+    resuming: bool = False,
+    single_task: dict[str, Any] | None = None,
 ) -> Experiment:
-    """`resuming`: the weights come from last.pt, so `init` is not read again (the source
-    run it names may be gone by then; everything it gave is in the checkpoint)."""
+    """The engine's Experiment of a validated config.
+
+    `resuming`: the weights come from last.pt, so `init` is not read again (the source run
+    it names may be gone by then; everything it gave is in the checkpoint). `single_task`
+    (multitask): the single-task baselines the run is compared with, as
+    `baselines.run_baselines` records them; the run writes them to single_task.json, and
+    summary.json holds them and their Delta_m (evaluation.delta_m)."""
+    return build_run(
+        subcommand, cfg, runtime, resuming=resuming, single_task=single_task
+    ).experiment
+
+
+def build_run(
+    subcommand: str,
+    cfg: ExperimentConfig,
+    runtime: Runtime,
+    *,
+    resuming: bool = False,
+    single_task: dict[str, Any] | None = None,
+) -> BuiltRun:
+    """`build_experiment`, plus the data the run evaluates with every split."""
+    if single_task is not None and subcommand != "multitask":
+        raise XdtError("single-task baselines: only multitask runs have tasks")
     seed_everything(cfg.seed, cfg.train.deterministic)
     if subcommand == "generalize":
         return _build_generalize(cfg, runtime, resuming=resuming)
     if subcommand == "multitask":
-        return _build_multitask(cfg, runtime, resuming=resuming)
+        return _build_multitask(cfg, runtime, resuming=resuming, single_task=single_task)
     domains = _domains(subcommand, cfg)
     trained = domains.target if subcommand == "finetune" else domains.source
     assert trained is not None  # config validation requires it
@@ -108,7 +165,7 @@ def build_experiment(
         source=domains.source.name if domains.source is not None else None,
         target=domains.target.name if domains.target is not None else None,
     )
-    return _experiment(
+    experiment = _experiment(
         cfg,
         method,
         plan,
@@ -118,6 +175,7 @@ def build_experiment(
         eval_sets=eval_sets,
         selection=make_selection(cfg, layout),
     )
+    return BuiltRun(experiment, EvalData(domains={d.name: d for d in eval_domains}))
 
 
 def _experiment(cfg: ExperimentConfig, method, plan, notes: list[str], **fields) -> Experiment:
@@ -244,7 +302,7 @@ def make_selection(cfg: ExperimentConfig, layout: Layout) -> Selection:
 
 
 # --------------------------------------------------------------------------- generalize
-def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool) -> Experiment:
+def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool) -> BuiltRun:
     data = cfg.data
     assert data.dataset is not None  # validate_config requires it
     spec = get_spec(data.dataset, "data.dataset")
@@ -288,7 +346,7 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
         f"training domains: {', '.join(names)}; held out: {', '.join(held_names) or 'none'}; "
         f"selection: {selection.rule}" + (f" on {selection.metric}" if selection.metric else "")
     )
-    return _experiment(
+    experiment = _experiment(
         cfg,
         method,
         plan,
@@ -301,6 +359,7 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
         worst={"worst_domain": names},
         run_files={"weights.json": record},
     )
+    return BuiltRun(experiment, EvalData(domains={d.name: d for d in [*training, *held]}))
 
 
 def loss_weights(
@@ -393,10 +452,18 @@ def _weights_file(path_text: str, sizes: list[int], names: list[str]) -> list[Te
 
 
 # --------------------------------------------------------------------------- multitask
-def _build_multitask(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool) -> Experiment:
+def _build_multitask(
+    cfg: ExperimentConfig,
+    runtime: Runtime,
+    *,
+    resuming: bool,
+    single_task: dict[str, Any] | None,
+) -> BuiltRun:
     """One stream per group of tasks that share inputs (data/tasks.py); every step holds a
     batch of every group, labelled for each of its tasks. The model is one encoder (hps) or
-    a mixture of experts (mmoe) with a head per task (models.MultiTaskModel)."""
+    a mixture of experts (mmoe) with a head per task (models.MultiTaskModel). With
+    `single_task` (the baselines' record), single_task.json and summary.json hold it, and
+    summary.json the Delta_m of the run's best metrics against it."""
     groups, specs = load_task_groups(cfg.data.tasks, cfg.data.split_seed)
     first = groups[0]
     for group in groups[1:]:
@@ -411,8 +478,8 @@ def _build_multitask(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool)
         cfg.model.backbone,
         first.domain.input_shape,
         {t.name: t.outputs for t in specs},
-        arch=cfg.model.arch or "hps",
-        experts=cfg.model.experts or 3,
+        arch=cfg.model.arch,  # resolved: hps unless the config says mmoe (resolve.py)
+        experts=cfg.model.experts,  # resolved: 3 under mmoe (config/schema.py)
         hidden=cfg.model.heads,
     )
     notes = [
@@ -444,7 +511,14 @@ def _build_multitask(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool)
         f"weighting {cfg.method.name}; selection: {selection.rule}"
         + (f" on {selection.metric}" if selection.metric else "")
     )
-    return _experiment(
+    run_files: dict[str, Any] = {"tasks.json": _tasks_record(groups, specs)}
+    summary_extra: dict[str, Any] = {}
+    finish_summary = None
+    if single_task is not None:  # compared with single-task baselines
+        run_files[SINGLE_TASK_FILE] = single_task
+        summary_extra["single_task"] = single_task
+        finish_summary = functools.partial(_delta_m_entry, baselines=single_task)
+    experiment = _experiment(
         cfg,
         method,
         plan,
@@ -455,8 +529,16 @@ def _build_multitask(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool)
         selection=selection,
         averages=averages,
         evaluator=functools.partial(evaluate_tasks, groups=groups, specs=kinds),
-        run_files={"tasks.json": _tasks_record(groups, specs)},
+        run_files=run_files,
+        summary_extra=summary_extra,
+        finish_summary=finish_summary,
     )
+    return BuiltRun(experiment, EvalData(task_groups=groups, task_losses=kinds))
+
+
+def _delta_m_entry(summary: dict[str, Any], *, baselines: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's `delta_m`: the run's best metrics against the single-task baselines."""
+    return {"delta_m": delta_m(summary, baselines)}
 
 
 def _initialize_encoders(model: MultiTaskModel, cfg: ExperimentConfig) -> str | None:

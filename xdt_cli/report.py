@@ -27,7 +27,6 @@ JSON.
 from __future__ import annotations
 
 import csv
-import difflib
 import fnmatch
 import io
 import json
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xdt_cli.config import did_you_mean
 from xdt_cli.errors import XdtError
 from xdt_cli.runs import read_metrics
 from xdt_cli.selection import (
@@ -116,7 +116,7 @@ def leave_one_domain_out_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any] 
     def ident(r: RunRecord) -> tuple[str, ...]:
         flat = r.flat_config()
         skip = {"name", "device", "data.test_domains"}
-        return tuple(sorted(f"{k}={_hashable(v)}" for k, v in flat.items() if k not in skip))
+        return tuple(sorted(f"{k}={hashable(v)}" for k, v in flat.items() if k not in skip))
 
     def held(r: RunRecord) -> tuple[str, ...]:
         return tuple((r.config.get("data") or {}).get("test_domains") or ())
@@ -237,7 +237,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _hashable(value: Any) -> str:
+def hashable(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -253,11 +253,11 @@ def differing_keys(flat_configs: Sequence[dict[str, Any]], ignore=frozenset()) -
         key
         for key in keys
         if key not in ignore
-        and len({_hashable(flat.get(key, _MISSING)) for flat in flat_configs}) > 1
+        and len({hashable(flat.get(key, _MISSING)) for flat in flat_configs}) > 1
     ]
 
 
-def _sort_key(values: tuple[Any, ...]) -> tuple:
+def sort_key(values: tuple[Any, ...]) -> tuple:
     def one(v: Any) -> tuple:
         if v is None:
             return (0, 0, "")
@@ -298,10 +298,10 @@ def summarize(
     for flat, row in zip(flats, chosen, strict=True):
         if keys_wanted is None:
             ident = tuple(
-                sorted(f"{k}={_hashable(v)}" for k, v in flat.items() if k not in IGNORED_KEYS)
+                sorted(f"{k}={hashable(v)}" for k, v in flat.items() if k not in IGNORED_KEYS)
             )
         else:
-            ident = tuple(_hashable(flat.get(k)) for k in keys_wanted)
+            ident = tuple(hashable(flat.get(k)) for k in keys_wanted)
         group = groups.setdefault(ident, {"flat": flat, "rows": []})
         group["rows"].append(row)
 
@@ -317,18 +317,18 @@ def summarize(
             "std": {},
         }
         for name in names:
-            values = [_finite(row.get(name)) for row in g["rows"]]
+            values = [finite(row.get(name)) for row in g["rows"]]
             if any(v is None for v in values):
                 entry["mean"][name] = entry["std"][name] = None
             else:
                 entry["mean"][name] = statistics.mean(values)
                 entry["std"][name] = statistics.stdev(values) if len(values) > 1 else 0.0
         out.append(entry)
-    out.sort(key=lambda e: _sort_key(tuple(e["group"].values())))
+    out.sort(key=lambda e: sort_key(tuple(e["group"].values())))
     return out
 
 
-def _finite(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
@@ -345,7 +345,7 @@ def _group_keys(group_by: Sequence[str] | str | None, flats: list[dict]) -> list
     unknown = [k for k in keys if k not in known]
     if unknown:
         raise XdtError(
-            *(f"--group-by: no run's config has '{k}'{_did_you_mean(k, known)}" for k in unknown)
+            *(f"--group-by: no run's config has '{k}'{did_you_mean(k, known)}" for k in unknown)
         )
     return list(dict.fromkeys(keys))
 
@@ -372,17 +372,12 @@ def resolve_metrics(patterns: Sequence[str] | None, rows: Sequence[dict[str, Any
         found = fnmatch.filter(available, pattern)
         if not found:
             problems.append(
-                f"--metric: no run has a metric '{pattern}'{_did_you_mean(pattern, available)}"
+                f"--metric: no run has a metric '{pattern}'{did_you_mean(pattern, available)}"
             )
         names.update(dict.fromkeys(found))
     if problems:
         raise XdtError(*problems)
     return list(names)
-
-
-def _did_you_mean(name: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def describe_selection(records: Iterable[RunRecord], selection: str) -> str:
@@ -438,16 +433,16 @@ def render(
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise XdtError(
-            f"--format: unknown format '{fmt}'{_did_you_mean(fmt, FORMATS)}; "
+            f"--format: unknown format '{fmt}'{did_you_mean(fmt, FORMATS)}; "
             f"choose one of {', '.join(FORMATS)}"
         )
 
 
-def _value_text(value: Any) -> str:
+def value_text(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_value_text(v) for v in value) + "]"
+        return "[" + ", ".join(value_text(v) for v in value) + "]"
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True)
     return str(value)
@@ -462,7 +457,7 @@ def _mean_std(group: dict[str, Any], metric: str, pm: str = "±") -> str:
 
 def _cells(group: dict[str, Any], keys: list[str], metrics: list[str]) -> list[str]:
     return [
-        *(_value_text(group["group"][k]) for k in keys),
+        *(value_text(group["group"][k]) for k in keys),
         str(group["n"]),
         *(_mean_std(group, m) for m in metrics),
     ]
@@ -501,7 +496,7 @@ _LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {
 }
 
 
-def _latex_escape(text: str) -> str:
+def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
 
 
@@ -511,10 +506,10 @@ def _latex(groups, keys, metrics, note) -> str:
 
     spec = "l" * len(keys) + "r" * (1 + len(metrics))
     lines = [f"% {note}", rf"\begin{{tabular}}{{{spec}}}", r"  \hline"]
-    lines.append(line(_latex_escape(c) for c in [*keys, "n", *metrics]))
+    lines.append(line(latex_escape(c) for c in [*keys, "n", *metrics]))
     lines.append(r"  \hline")
     for g in groups:
-        cells = [_latex_escape(_value_text(g["group"][k])) for k in keys]
+        cells = [latex_escape(value_text(g["group"][k])) for k in keys]
         lines.append(line([*cells, str(g["n"]), *(_mean_std(g, m, r"$\pm$") for m in metrics)]))
     lines += [r"  \hline", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -549,37 +544,9 @@ def report(
     selection: str = "summary",
     fmt: str = "table",
     width: int | None = None,
-    choose_by: str | None = None,
 ) -> tuple[str, list[str]]:
     """What `xdt report` prints: (the rendered text, the runs left out, one line each).
-
-    `choose_by`: a selection rule; the runs are then a hyper-parameter search, reported as
-    DomainBed does (choose.py) instead of grouped: rows and columns are fixed by the search,
-    so `group_by`, `metrics` and another `selection` are refused with it.
-    """
-    if choose_by is not None:
-        from xdt_cli import choose  # choose.py imports this module
-
-        given = {
-            "--group-by": group_by is not None,
-            "--selection": selection != SUMMARY,
-            "--metric": bool(metrics),
-        }
-        conflicts = [
-            f"--choose-by and {option}: one or the other (--choose-by sets the rows, the "
-            "columns, their metrics and the selection rule)"
-            for option, used in given.items()
-            if used
-        ]
-        if conflicts:
-            raise XdtError(*conflicts)
-        choose.check_rule(choose_by)
-        check_format(fmt)
-        records = collect_runs(paths)
-        choices = choose.choose(records, choose_by)
-        note = choose.describe_choice(records, choose_by, choices)
-        text = choose.render_choice(choices, fmt, note=note, width=width)
-        return text, incomplete_runs(records)
+    `xdt report --choose-by RULE` is choose.py's `report_choice`, one floor up."""
     get_rule(selection)
     check_format(fmt)  # bad arguments fail before any folder is read
     records = collect_runs(paths)

@@ -37,18 +37,18 @@ Ties go to the earliest row: a later row wins only when strictly better (`is_bet
 engine keeps best.pt. Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization",
 ICLR 2021, section 3 and domainbed/model_selection.py, define the three DG rules.
 
-This module imports nothing of xdt but errors, so config.py and report.py (no torch) use it.
+This module imports no torch (errors and the registry only), so report.py and choose.py stay light.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from xdt_cli.errors import ConfigError, XdtError
+from xdt_cli.registry import Registry
 
 Row = dict[str, Any]
 LOWER_IS_BETTER = ("/loss", "/mse", "/mae")
@@ -190,67 +190,67 @@ def _transfer_note(layout: Layout) -> str | None:
     return None
 
 
-RULES: dict[str, Rule] = {
-    rule.name: rule
-    for rule in (
-        Rule(
-            "source_val",
-            ("train-source", "transfer", "finetune"),
-            "the source's val split",
-            lambda lay: (lay.source,),
-            needs="needs data.source",
+RULES: Registry[Rule] = Registry("selection rule")
+for _rule in (
+    Rule(
+        "source_val",
+        ("train-source", "transfer", "finetune"),
+        "the source's val split",
+        lambda lay: (lay.source,),
+        needs="needs data.source",
+    ),
+    Rule(
+        "target_val",
+        ("train-source", "transfer", "finetune"),
+        "the target's val split (target labels)",
+        lambda lay: (lay.target,),
+        needs="needs data.target",
+        note=_transfer_note,
+    ),
+    Rule(
+        "training_domain_val",
+        ("generalize",),
+        "the training domains' val splits (train_domains/val/acc)",
+        lambda lay: ("train_domains", *lay.training, "worst_domain"),
+        needs="needs training domains",
+    ),
+    Rule(
+        "oracle",
+        ("generalize",),
+        "DomainBed's oracle: the last checkpoint; test_domains/val/acc compares runs",
+        lambda lay: ("test_domains", *lay.held_out) if lay.held_out else (),
+        pick="last",
+        needs="needs held-out domains (data.test_domains)",
+        note=lambda lay: (
+            "the last checkpoint (DomainBed's oracle); its metric, the held-out "
+            "domains' val split, compares runs"
         ),
-        Rule(
-            "target_val",
-            ("train-source", "transfer", "finetune"),
-            "the target's val split (target labels)",
-            lambda lay: (lay.target,),
-            needs="needs data.target",
-            note=_transfer_note,
-        ),
-        Rule(
-            "training_domain_val",
-            ("generalize",),
-            "the training domains' val splits (train_domains/val/acc)",
-            lambda lay: ("train_domains", *lay.training, "worst_domain"),
-            needs="needs training domains",
-        ),
-        Rule(
-            "oracle",
-            ("generalize",),
-            "DomainBed's oracle: the last checkpoint; test_domains/val/acc compares runs",
-            lambda lay: ("test_domains", *lay.held_out) if lay.held_out else (),
-            pick="last",
-            needs="needs held-out domains (data.test_domains)",
-            note=lambda lay: (
-                "the last checkpoint (DomainBed's oracle); its metric, the held-out "
-                "domains' val split, compares runs"
-            ),
-        ),
-        Rule(
-            "leave_one_domain_out",
-            ("generalize",),
-            "DomainBed's leave-one-domain-out cross-validation (xdt generalize --leave-one-out)",
-            lambda lay: (),
-            needs="compares D + D(D-1) runs (DomainBed); run xdt generalize --leave-one-out "
-            "with it instead of a single run",
-            single_run=False,
-        ),
-        Rule(
-            "task_val",
-            ("multitask",),
-            "the tasks' val splits (avg/val/acc, or avg/val/mse)",
-            lambda lay: ("avg", *(t for t, _ in lay.tasks)) if lay.tasks else (),
-            needs="needs data.tasks",
-        ),
-        Rule(
-            "last",
-            ("train-source", "finetune", "transfer", "generalize", "multitask"),
-            "the last evaluation",
-            lambda lay: (),
-        ),
-    )
-}
+    ),
+    Rule(
+        "leave_one_domain_out",
+        ("generalize",),
+        "DomainBed's leave-one-domain-out cross-validation (xdt generalize --leave-one-out)",
+        lambda lay: (),
+        needs="compares D + D(D-1) runs (DomainBed); run xdt generalize --leave-one-out "
+        "with it instead of a single run",
+        single_run=False,
+    ),
+    Rule(
+        "task_val",
+        ("multitask",),
+        "the tasks' val splits (avg/val/acc, or avg/val/mse)",
+        lambda lay: ("avg", *(t for t, _ in lay.tasks)) if lay.tasks else (),
+        needs="needs data.tasks",
+    ),
+    Rule(
+        "last",
+        ("train-source", "finetune", "transfer", "generalize", "multitask"),
+        "the last evaluation",
+        lambda lay: (),
+    ),
+):
+    RULES.register(_rule.name, _rule)
+
 DEFAULT_RULES = {
     "train-source": "source_val",
     "finetune": "target_val",
@@ -271,15 +271,9 @@ def get_rule(name: str, key: str = "--selection") -> Rule | None:
     """The rule called `name` (None for `summary`); an unknown name is an XdtError."""
     if name == SUMMARY:
         return None
-    rule = RULES.get(name)
-    if rule is None:
-        known = [*RULES, SUMMARY]
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise XdtError(
-            f"{key}: unknown selection rule '{name}'{hint}; known: {', '.join(sorted(known))}"
-        )
-    return rule
+    if name not in RULES:
+        raise XdtError(RULES.unknown(name, key, extra=(SUMMARY,)))
+    return RULES[name]
 
 
 def run_criterion(name: str, config: Mapping[str, Any], layout: Layout) -> tuple[str | None, str]:

@@ -80,13 +80,13 @@ from xdt_cli.config import (
     dump_config,
     error_lines,
     flatten,
-    load_config,
     parse_override,
     read_yaml,
 )
 from xdt_cli.errors import ConfigError
 from xdt_cli.files import atomic_write_text
 from xdt_cli.progress import stderr_console
+from xdt_cli.resolve import load_config
 from xdt_cli.runs import default_runs_dir
 from xdt_cli.runtime import stop_signals
 from xdt_cli.search import draw as draw_search

@@ -2,7 +2,7 @@
 
 A data set is made of one or more domains. The embedded sets (`embedded.py`), torchvision's
 sets (`torchvision_sets.py`) and the image-folder sets (`imagefolder.py`) register
-themselves when this package is imported; plug-ins add more (see plugins.py).
+themselves when this package is imported; plug-ins add more (see xdt_cli/registry.py).
 `load_configured_domain` turns a config section into a `Domain` (registry.py), and
 `make_stream` gives a split's training stream (stream.py, disk.py).
 """

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from xdt_cli import distributed
-from xdt_cli.config import LoaderConfig
+from xdt_cli.config import LoaderConfig, first_line
 from xdt_cli.data.stream import DomainBatch, check_batch_size, epoch_permutation
 from xdt_cli.data.transforms import Pipeline
 from xdt_cli.distributed import Shard
@@ -59,13 +59,8 @@ def image_shape(path: str, key: str) -> tuple[int, int, int]:
         with Image.open(path) as image:
             width, height = image.size
     except Exception as exc:  # noqa: BLE001  (Pillow raises many types for a bad file)
-        raise ConfigError(f"{key}: cannot decode image {path} ({_reason(exc)})") from None
+        raise ConfigError(f"{key}: cannot decode image {path} ({first_line(exc, 160)})") from None
     return (3, height, width)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -94,7 +89,7 @@ class _ImageFiles(Dataset):
         try:
             x = read_image(path)
         except Exception as exc:  # noqa: BLE001
-            return _Unreadable(path, _reason(exc))
+            return _Unreadable(path, first_line(exc, 160))
         with torch.random.fork_rng(devices=[]):  # never moves the caller's RNG (workers=0)
             torch.manual_seed(seed)
             x = self.transform(x.unsqueeze(0))[0]

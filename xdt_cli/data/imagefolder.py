@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from xdt_cli.config import first_line
 from xdt_cli.data.registry import DatasetSpec, DomainRequest, RawDomain, Samples, register
 from xdt_cli.errors import ConfigError
 
@@ -71,8 +72,7 @@ def _verify(path: str) -> str | None:
         with Image.open(path) as image:
             image.verify()
     except Exception as exc:  # noqa: BLE001  (Pillow raises many types for a bad file)
-        text = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
-        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return first_line(exc, 120)
     return None
 
 

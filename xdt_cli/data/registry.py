@@ -14,7 +14,6 @@ The splits are stratified and seeded by `data.split_seed` (see splits.py). Then 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,13 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xdt_cli.config import DomainConfig, LoaderConfig
+from xdt_cli.config import DomainConfig, LoaderConfig, did_you_mean
 from xdt_cli.data.disk import FileSplit, image_shape
 from xdt_cli.data.splits import labelled_subset, stratified_split
 from xdt_cli.data.stream import InMemoryStream
 from xdt_cli.data.transforms import Pipeline, build_pipelines
 from xdt_cli.distributed import Shard
 from xdt_cli.errors import ConfigError
+from xdt_cli.registry import Registry
 
 SPLITS = ("train", "val", "test")
 OFFICIAL_TRAIN_FRACTIONS = (0.85, 0.15)  # an official training split -> train, val
@@ -96,7 +96,6 @@ class DatasetSpec:
     num_classes: int | None
     input_shape: tuple[int, int, int] | None
     load: Callable[[str], tuple[Tensor, Tensor]] | None = field(default=None, repr=False)
-    origin: str = "xdt"
     open: Callable[[DomainRequest], RawDomain] | None = field(default=None, repr=False)
     classes: tuple[str, ...] | None = None
     kind: str = "memory"
@@ -184,28 +183,26 @@ class Domain:
     skipped: tuple[str, ...] = ()
 
 
-DATASETS: dict[str, DatasetSpec] = {}
+def _plugged(name: str, obj: Any) -> list[tuple[str, DatasetSpec]]:
+    """An `xdt.datasets` entry point that names an object: a DatasetSpec or a list of them."""
+    specs = list(obj) if isinstance(obj, list | tuple) else [obj]
+    if not specs or not all(isinstance(s, DatasetSpec) for s in specs):
+        raise TypeError(f"{type(obj).__name__}; expected a DatasetSpec or a list of them")
+    return [(s.name, s) for s in specs]
+
+
+# the built-ins register themselves when xdt_cli.data is imported (data/__init__.py)
+DATASETS: Registry[DatasetSpec] = Registry("data set", group="xdt.datasets", coerce=_plugged)
 
 
 def register(spec: DatasetSpec) -> DatasetSpec:
-    if spec.name in DATASETS:
-        raise ValueError(f"data set '{spec.name}' is registered twice")
-    DATASETS[spec.name] = spec
-    return spec
+    """Add a data set under its `name` (plug-ins call this, or name a spec in an entry point)."""
+    return DATASETS.register(spec.name, spec)
 
 
 def get_spec(name: str, key: str = "data.source.dataset") -> DatasetSpec:
-    from xdt_cli.plugins import load_plugins
-
-    load_plugins("datasets")
-    spec = DATASETS.get(name)
-    if spec is None:
-        close = difflib.get_close_matches(name, list(DATASETS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"{key}: unknown data set '{name}'{hint}; known: {', '.join(sorted(DATASETS))}"
-        )
-    return spec
+    """The data set called `name`; a miss is one ConfigError line naming `key`."""
+    return DATASETS.lookup(name, key)
 
 
 @lru_cache(maxsize=16)
@@ -329,10 +326,9 @@ def _domain_name(spec: DatasetSpec, domain: str | None, key: str) -> str:
         choices = f" (one of {', '.join(spec.domains)})" if spec.domains else ""
         raise ConfigError(f"{key}.domain: {spec.name} has several domains; choose one{choices}")
     if spec.domains and domain not in spec.domains:
-        close = difflib.get_close_matches(domain, list(spec.domains), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(
-            f"{key}.domain: data set '{spec.name}' has no domain '{domain}'{hint}; "
+            f"{key}.domain: data set '{spec.name}' has no domain '{domain}'"
+            f"{did_you_mean(domain, spec.domains)}; "
             f"its domains: {', '.join(spec.domains)}"
         )
     return domain
@@ -350,7 +346,7 @@ def _select_classes(
         if old not in names:
             raise ConfigError(
                 f"{key}.class_map: '{old}' is not a class of {dataset}"
-                f"{_hint(old, names)}; its classes: {_listing(names)}"
+                f"{did_you_mean(old, names)}; its classes: {_listing(names)}"
             )
     renamed = [cfg.class_map.get(n, n) for n in names]
     if cfg.classes is not None:
@@ -358,7 +354,7 @@ def _select_classes(
             if name not in renamed:
                 raise ConfigError(
                     f"{key}.classes: '{name}' is not a class of {dataset}"
-                    f"{' after class_map' if cfg.class_map else ''}{_hint(name, renamed)}; "
+                    f"{' after class_map' if cfg.class_map else ''}{did_you_mean(name, renamed)}; "
                     f"its classes: {_listing(renamed)}"
                 )
         kept = tuple(cfg.classes)
@@ -378,11 +374,6 @@ def _select_classes(
         taken.y = y[keep]
         parts[name] = taken
     return kept, parts
-
-
-def _hint(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _listing(names: list[str], limit: int = 12) -> str:
@@ -468,5 +459,5 @@ def describe(spec: DatasetSpec) -> dict[str, Any]:
         "classes": spec.num_classes,
         "input_shape": list(spec.input_shape) if spec.input_shape else None,
         "description": spec.description,
-        "origin": spec.origin,
+        "origin": DATASETS.origin(spec.name),
     }

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xdt_cli.config import first_line
 from xdt_cli.data.registry import DatasetSpec, DomainRequest, RawDomain, Samples, register
 from xdt_cli.errors import ConfigError
 
@@ -204,8 +205,7 @@ def _opener(s: _Set):
             try:
                 ds = _construct(s, str(root), train, request.download)
             except Exception as exc:  # noqa: BLE001  (network, archive or parse errors)
-                text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-                reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+                reason = first_line(exc, 160)
                 if missing:
                     raise ConfigError(
                         f"{key}.download: fetching {s.name} into {root} failed ({reason}); "

@@ -1,7 +1,8 @@
 """Image transforms as batched tensor ops: one implementation for every kind of data set.
 
 The config keys (`data.<source|target>.transforms.train|eval`) are checked by the torch-free
-schema in config.py (`TransformStep`); this module turns a validated list into a `Pipeline`.
+schema in config/transforms.py (`TransformStep`); this module turns a validated list into a
+`Pipeline`.
 A pipeline maps a batch [B, C, H, W] of uint8 (0..255) or float (0..1) images to float32:
 geometric ops (resize, crops, flip) keep the storage type, so in-memory uint8 sets are cut
 and flipped as bytes, and the batch becomes float in [0, 1] at the first op that needs it
@@ -35,6 +36,7 @@ from xdt_cli.config import (
     RandomResizedCropArgs,
     ResizeArgs,
     TransformStep,
+    first_line,
 )
 from xdt_cli.errors import ConfigError
 
@@ -434,7 +436,7 @@ def build_pipelines(
         try:
             shapes.append(pipeline.output_shape(input_shape))
         except (ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0]
+            first = first_line(exc, kind=False)
             raise ConfigError(
                 f"{key}.transforms.{split}: cannot transform images of shape "
                 f"{'x'.join(map(str, input_shape))} ({first})"
