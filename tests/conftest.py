@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+# pytest-xdist runs the suite in N processes (pyproject.toml: -n 2): each gets cores/N torch
+# threads, and so do the xdt processes that its tests start (OMP_NUM_THREADS)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = max(1, (os.cpu_count() or 2) // _workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY = {
     "name": "tiny",

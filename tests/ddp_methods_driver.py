@@ -98,8 +98,8 @@ def keep_final_weights() -> None:
 
     fit = Engine.fit
 
-    def fit_and_keep(self):
-        summary = fit(self)
+    def fit_and_keep(self, trackers=()):
+        summary = fit(self, trackers)
         state = self.method.state_dict()
         KEPT.append({k: v.detach().clone() for k, v in state.items() if torch.is_tensor(v)})
         return summary

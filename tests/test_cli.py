@@ -150,7 +150,7 @@ def test_missing_config_and_no_run_folder_left(cli, tmp_path: Path) -> None:
 
 
 def test_runtime_failure_exits_1_with_a_hint(cli, tiny_config: Path, monkeypatch) -> None:
-    def broken(self):
+    def broken(self, trackers=()):
         raise RuntimeError("the disk caught fire")
 
     monkeypatch.setattr(Engine, "fit", broken)

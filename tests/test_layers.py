@@ -132,6 +132,7 @@ LAYERS: list[tuple[str, ...]] = [
         "xdt_cli.progress",
         "xdt_cli.runs",
         "xdt_cli.evaluation",
+        "xdt_cli.tracking",
     ),
     ("xdt_cli.resolve", "xdt_cli.engine", "xdt_cli.regimes"),
     ("xdt_cli.api",),

@@ -10,6 +10,7 @@ composite runs, which call it: leave-one-out (leave_one_out.py), single-task bas
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from xdt_cli.regimes import SINGLE_TASK_FILE, build_experiment
 from xdt_cli.resolve import load_config
 from xdt_cli.runs import RunDir, create_run_dir, default_runs_dir, make_meta
 from xdt_cli.runtime import Runtime, resolve_precision
+from xdt_cli.tracking import Tracker, open_trackers
 
 
 def start_run(
@@ -117,7 +119,8 @@ def run_config(
     for note in experiment.notes:
         reporter.message(note)
     engine = Engine(cfg, experiment, runtime, run=run, reporter=reporter)
-    return _fit(engine, reporter, run)
+    trackers = open_trackers(cfg, run, subcommand, resumed=False) if run is not None else []
+    return _fit(engine, reporter, run, trackers)
 
 
 def _resolve_from_run(cfg, runs_root: Path) -> None:
@@ -183,12 +186,15 @@ def resume_run(
         }
     )
     run.write_json(run.meta_path, meta)
-    return _fit(engine, reporter, run), True
+    trackers = open_trackers(cfg, run, subcommand, resumed=True)
+    return _fit(engine, reporter, run, trackers), True
 
 
-def _fit(engine: Engine, reporter: Reporter, run: RunDir | None) -> dict[str, Any]:
+def _fit(
+    engine: Engine, reporter: Reporter, run: RunDir | None, trackers: Sequence[Tracker] = ()
+) -> dict[str, Any]:
     try:
-        summary = engine.fit()
+        summary = engine.fit(trackers)
     finally:
         if run is not None:
             run.unlock()

@@ -175,6 +175,15 @@ OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Replace an existing run folder given by --name.")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+LogToOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--log-to",
+        help="Also send metrics to these trackers, comma-separated: tensorboard, mlflow "
+        "(sets tracking.backends).",
+        show_default=False,
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,7 @@ class RunOptions:
     as_json: bool = False
     overwrite: bool = False
     debug: bool = False
+    log_to: str | None = None  # "tensorboard,mlflow": tracking.backends
 
 
 @dataclass(frozen=True)
@@ -218,6 +228,7 @@ def _train(
 
         if composite.baselines_dir is not None and not composite.single_task_baselines:
             raise XdtError("--baselines-dir: only used with --single-task-baselines")
+        given = [*(overrides or []), *_log_to(options.log_to)]  # the flag wins
         common = {
             "name": options.name,
             "runs_dir": options.runs_dir,
@@ -228,16 +239,33 @@ def _train(
             "argv": sys.argv,
         }
         if composite.leave_one_out:
-            summary = start_leave_one_out(config, overrides or [], **common)
+            summary = start_leave_one_out(config, given, **common)
         elif composite.single_task_baselines:
             summary = start_with_baselines(
-                config, overrides or [], baselines_dir=composite.baselines_dir, **common
+                config, given, baselines_dir=composite.baselines_dir, **common
             )
         else:
-            summary = start_run(subcommand, config, overrides or [], **common)
+            summary = start_run(subcommand, config, given, **common)
         return _finish(summary, options.as_json)
 
     _guard(options.debug, body)
+
+
+def _log_to(text: str | None) -> list[str]:
+    """`--log-to tensorboard,mlflow` as the override `tracking.backends=[...]`."""
+    if text is None:
+        return []
+    from xdt_cli.config import did_you_mean
+    from xdt_cli.tracking import BACKENDS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in BACKENDS:
+            raise XdtError(
+                f"--log-to: unknown tracker '{name}'{did_you_mean(name, BACKENDS)}; "
+                f"known: {', '.join(BACKENDS)}"
+            )
+    return [f"tracking.backends=[{', '.join(dict.fromkeys(names))}]"]
 
 
 @app.command("train-source")
@@ -252,6 +280,7 @@ def train_source(
     as_json: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
+    log_to: LogToOpt = None,
 ) -> None:
     """Train a model on one labelled source domain.
 
@@ -266,6 +295,7 @@ def train_source(
         as_json=as_json,
         overwrite=overwrite,
         debug=debug,
+        log_to=log_to,
     )
     _train("train-source", config, overrides, options)
 
@@ -282,6 +312,7 @@ def finetune(
     as_json: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
+    log_to: LogToOpt = None,
 ) -> None:
     """Fine-tune trained weights on the labelled target domain.
 
@@ -300,6 +331,7 @@ def finetune(
         as_json=as_json,
         overwrite=overwrite,
         debug=debug,
+        log_to=log_to,
     )
     _train("finetune", config, overrides, options)
 
@@ -316,6 +348,7 @@ def transfer(
     as_json: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
+    log_to: LogToOpt = None,
 ) -> None:
     """Adapt from a labelled source domain to an unlabelled target domain.
 
@@ -334,6 +367,7 @@ def transfer(
         as_json=as_json,
         overwrite=overwrite,
         debug=debug,
+        log_to=log_to,
     )
     _train("transfer", config, overrides, options)
 
@@ -350,6 +384,7 @@ def multitask(
     as_json: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
+    log_to: LogToOpt = None,
     single_task_baselines: Annotated[
         bool,
         typer.Option(
@@ -385,6 +420,7 @@ def multitask(
         as_json=as_json,
         overwrite=overwrite,
         debug=debug,
+        log_to=log_to,
     )
     _train(
         "multitask",
@@ -407,6 +443,7 @@ def generalize(
     as_json: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
+    log_to: LogToOpt = None,
     leave_one_out: Annotated[
         bool,
         typer.Option(
@@ -437,6 +474,7 @@ def generalize(
         as_json=as_json,
         overwrite=overwrite,
         debug=debug,
+        log_to=log_to,
     )
     _train("generalize", config, overrides, options, Composite(leave_one_out=leave_one_out))
 
@@ -471,6 +509,53 @@ def resume(
             if not quiet:
                 _err(f"{run_dir} already finished ({summary.get('steps')} steps); nothing to do")
         return _finish(summary, as_json)
+
+    _guard(debug, body)
+
+
+@app.command("log-sync")
+def log_sync(
+    run_dir: Annotated[
+        Path, typer.Argument(help="The run folder.", show_default=False, metavar="RUN_DIR")
+    ],
+    to: Annotated[
+        str, typer.Option("--to", help="The tracker to catch up: mlflow.", show_default=False)
+    ],
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            help="Where a run that never reached its MLflow server goes (default: "
+            "tracking.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlruns).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was sent as JSON.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Send a tracker what it missed of a run (its server was down, or the run was killed).
+
+    metrics.jsonl, config.yaml and summary.json are the source of truth: the MLflow run gets
+    its params and tags, every row after the last one it has, the files and the final
+    status. Nothing is sent twice; a second call sends nothing.
+
+    Example: xdt log-sync runs/first --to mlflow
+    """
+
+    def body() -> int:
+        from xdt_cli.tracking import sync_run
+
+        result = sync_run(run_dir, to, tracking_uri=tracking_uri)
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            files = ", ".join(result["files"]) or "no files"
+            status = result["status"] or "status unchanged"
+            print(
+                f"{result['run_dir']}: {result['rows']} rows, {files}, {status} -> "
+                f"MLflow run {result['run_id']} on {result['tracking_uri']}"
+            )
+        return 0
 
     _guard(debug, body)
 

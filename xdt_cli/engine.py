@@ -52,9 +52,9 @@ import functools
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -81,6 +81,9 @@ from xdt_cli.progress import Reporter
 from xdt_cli.runs import RunDir
 from xdt_cli.runtime import Runtime, autocast_for, resolve_precision, stop_signals
 from xdt_cli.selection import is_better, mode_of
+
+if TYPE_CHECKING:
+    from xdt_cli.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,7 @@ class Engine:
         self.device = runtime.device
         self.run = run if runtime.is_main else None
         self.reporter = reporter
+        self.trackers: list[Tracker] = []  # fit's: rank 0 mirrors its rows to them
         self.do_evaluate = evaluate
 
         self.precision = resolve_precision(cfg.train.precision, self.device)
@@ -371,8 +375,10 @@ class Engine:
         self.load_state_dict(load_checkpoint(path), str(path))
 
     # -- the loop ------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        """Train from `self.step` to `train.steps`; return the summary (also written)."""
+    def fit(self, trackers: Sequence[Tracker] = ()) -> dict[str, Any]:
+        """Train from `self.step` to `train.steps`; return the summary (also written).
+        Every metrics row and the summary also go to `trackers` (tracking/; rank 0)."""
+        self.trackers = list(trackers) if self.run is not None else []
         total = self.cfg.train.steps
         started = time.perf_counter()
         elapsed = lambda: self.elapsed_before + time.perf_counter() - started  # noqa: E731
@@ -507,8 +513,7 @@ class Engine:
             row[f"train/{key}"] = (total / self.log_count).item()
         row["train/lr"] = self.scheduler.get_last_lr()[0]
         self.log_sums, self.log_count = {}, 0
-        if self.run is not None:
-            self.run.append_metrics(row)
+        self._record(row)
         self.reporter.train_row(row)
 
     def _evaluate_and_save(self, elapsed: float) -> bool:
@@ -538,8 +543,7 @@ class Engine:
                     save_checkpoint(self.run.best_ckpt, {**state, "metrics": metrics})
             else:
                 self.bad_evals += 1
-        if self.run is not None:
-            self.run.append_metrics({"step": self.step, "split": "eval", **metrics})
+        self._record({"step": self.step, "split": "eval", **metrics})
         self._save_last(elapsed)
         self.reporter.eval_row(self.step, metrics, sel.metric, improved)
         patience = self.cfg.train.early_stopping
@@ -563,6 +567,13 @@ class Engine:
             sums = distributed.gather_objects(local)
         if self.run is not None:
             save_checkpoint(self.run.last_ckpt, self.state_dict(elapsed, sums))
+
+    def _record(self, row: dict[str, Any]) -> None:
+        """A metrics.jsonl row (rank 0), mirrored to the trackers (tracking/)."""
+        if self.run is not None:
+            self.run.append_metrics(row)
+            for tracker in self.trackers:
+                tracker.log(row)
 
     def _write_summary(
         self, status: str, elapsed: float, error: str | None, early: bool
@@ -589,6 +600,8 @@ class Engine:
         if self.run is not None:
             summary["run_dir"] = str(self.run.path)
             self.run.write_json(self.run.summary_path, summary)
+            for tracker in self.trackers:
+                tracker.finish(summary)
         return summary
 
     @contextlib.contextmanager

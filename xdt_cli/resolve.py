@@ -110,7 +110,19 @@ def _regime_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:
     only once the data is right: a missing data.source is one problem, not two)."""
     if subcommand not in SUBCOMMANDS:
         return [f"unknown subcommand '{subcommand}'"]
-    return _data_problems(cfg, subcommand) or _selection_problems(cfg, subcommand)
+    problems = _data_problems(cfg, subcommand) or _selection_problems(cfg, subcommand)
+    return problems + _tracking_problems(cfg)
+
+
+def _tracking_problems(cfg: ExperimentConfig) -> list[str]:
+    """A tracker whose optional package is missing fails before a run folder is claimed."""
+    import importlib.util
+
+    return [
+        f"tracking.backends: {backend} needs the package {backend} (pip install 'xdt[{backend}]')"
+        for backend in cfg.tracking.backends
+        if importlib.util.find_spec(backend) is None
+    ]
 
 
 def _data_problems(cfg: ExperimentConfig, subcommand: str) -> list[str]:

@@ -765,6 +765,7 @@ def run_sweep(p: Plan, *, jobs: int = 1, reporter: SweepReporter | None = None) 
     A run's stdout and stderr go to `<sweep>/logs/<name>.log`. On SIGINT or SIGTERM the
     running children get SIGTERM (they save last.pt and stop), sweep.json is written and the
     result's "interrupted" holds the signal number; the next call resumes those runs.
+    Runs that track to MLflow are the children of one parent run of the sweep.
     """
     reporter = reporter or SweepReporter()
     entries = {run.name: _entry(run) for run in p.runs}
@@ -780,6 +781,8 @@ def run_sweep(p: Plan, *, jobs: int = 1, reporter: SweepReporter | None = None) 
         f"{len(p.runs) - total - failed_before} already completed, {failed_before} failed before"
         + (f"; {width} at a time, {env['OMP_NUM_THREADS']} thread(s) each" if total else "")
     )
+    tracking = _tracking_env(p, list(todo))
+    env.update(tracking)
     stop = _Stop()
     running: dict[subprocess.Popen, tuple[PlannedRun, float]] = {}
     done = 0
@@ -818,7 +821,24 @@ def run_sweep(p: Plan, *, jobs: int = 1, reporter: SweepReporter | None = None) 
     result = _result(p, jobs, width, env, list(entries.values()), stop.signum)
     p.sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(p.sweep_dir / "sweep.json", json.dumps(result, indent=2) + "\n")
+    if tracking:
+        from xdt_cli.tracking.mlflow import finish_sweep_parent
+
+        finish_sweep_parent(p.sweep_dir, result["status"])
     return result
+
+
+def _tracking_env(p: Plan, todo: list[PlannedRun]) -> dict[str, str]:
+    """When the runs track to MLflow: the environment that makes them children of the
+    sweep's parent run, in the sweep's experiment (tracking/mlflow.py); else nothing."""
+    if not todo:
+        return {}
+    cfg = load_config(p.sweep.config, todo[0].overrides, subcommand=p.sweep.subcommand)
+    if "mlflow" not in cfg.tracking.backends:
+        return {}
+    from xdt_cli.tracking.mlflow import sweep_parent
+
+    return sweep_parent(p.sweep_dir, p.sweep.name, cfg)
 
 
 def _launch(run: PlannedRun, env: dict[str, str]) -> subprocess.Popen:

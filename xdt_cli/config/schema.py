@@ -17,6 +17,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    field_validator,
     model_validator,
 )
 
@@ -488,6 +489,47 @@ class MethodSection(BaseModel):
     name: str = Field("erm", description="the learning rule (multitask default: static)")
 
 
+# --------------------------------------------------------------------------- tracking
+class TensorBoardConfig(Strict):
+    """`tracking.tensorboard`: event files under `<run>/tensorboard/` (needs the optional
+    extra xdt[tensorboard]); `tensorboard --logdir <sweep folder>` compares a sweep's runs."""
+
+    config_text: bool = Field(True, description="write the resolved config as a text entry")
+
+
+class MLflowConfig(Strict):
+    """`tracking.mlflow` (needs the optional extra xdt[mlflow])."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="default: $MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns "
+        "(mlruns/mlflow.db)",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment; default: the sweep's name, else the config's name"
+    )
+    log_checkpoint: bool = Field(False, description="also upload checkpoints/best.pt")
+
+
+class TrackingConfig(Strict):
+    """Where the run's metrics go besides metrics.jsonl, which stays the source of truth."""
+
+    backends: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="tensorboard, mlflow (default: none); `--log-to` on the command line",
+    )
+    tensorboard: TensorBoardConfig = TensorBoardConfig()
+    mlflow: MLflowConfig = MLflowConfig()
+
+    @field_validator("backends")
+    @classmethod
+    def _once(cls, value: list[str]) -> list[str]:
+        twice = sorted({b for b in value if value.count(b) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given twice")
+        return value
+
+
 class ExperimentConfig(Strict):
     name: str | None = Field(None, description="experiment name; default: the file's stem")
     seed: int = Field(0, strict=True)
@@ -500,6 +542,7 @@ class ExperimentConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=lambda: ConstantSchedule(name="constant"))
     train: TrainConfig = TrainConfig()
     selection: SelectionConfig = SelectionConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
