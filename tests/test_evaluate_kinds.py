@@ -4,7 +4,6 @@ recorded (summary.json and the eval rows of metrics.jsonl) to the bit, with feat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import write_config
+from tests.test_evaluate import evaluate_json, only
 from xdt_cli.api import start_run
 from xdt_cli.checkpoint import load_checkpoint
 from xdt_cli.config import deep_merge
@@ -90,16 +90,6 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         )
         out[kind] = (Path(summary["run_dir"]), summary)
     return out
-
-
-def evaluate_json(cli, *args) -> dict:
-    result = cli("evaluate", *args, "--json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def only(metrics: dict, part: str) -> dict:
-    return {k: v for k, v in metrics.items() if f"/{part}/" in k}
 
 
 def eval_rows(run_dir: Path) -> dict[int, dict]:

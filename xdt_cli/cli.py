@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from xdt_cli import __version__
-from xdt_cli.config import first_line
+from xdt_cli.config import did_you_mean, first_line
 from xdt_cli.errors import RunInterrupted, XdtError
 
 # click's ClickException (usage errors, bad options) is the base of typer.BadParameter;
@@ -255,7 +255,6 @@ def _log_to(text: str | None) -> list[str]:
     """`--log-to tensorboard,mlflow` as the override `tracking.backends=[...]`."""
     if text is None:
         return []
-    from xdt_cli.config import did_you_mean
     from xdt_cli.tracking import BACKENDS
 
     names = [n.strip() for n in text.split(",") if n.strip()]

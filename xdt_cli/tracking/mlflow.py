@@ -252,17 +252,12 @@ class _Sender:
         self.waiting_since: float | None = None  # a request is out, since (monotonic)
 
     def _read_state(self) -> dict[str, Any]:
-        try:
-            state = json.loads(self.state_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            state = {}
-        if not isinstance(state, dict):
-            state = {}
+        state = _read_record(self.state_path)
         state.setdefault("artifacts", {})
         return state
 
     def _save(self) -> None:
-        atomic_write_text(self.state_path, json.dumps(self.state, indent=2) + "\n")
+        _write_record(self.state_path, self.state)
 
     def _sent(self, **changes: Any) -> None:
         self.state.update(changes)
