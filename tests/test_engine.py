@@ -232,6 +232,41 @@ def test_lr_schedules(tiny_config: Path, schedule: dict, checks: dict) -> None:
         assert math.isclose(factor(step), expected, rel_tol=1e-9), (step, factor(step))
 
 
+def test_inv_by_progress_is_ganins_annealing(tiny_config: Path) -> None:
+    # DANN's paper: lr_p = lr_0 / (1 + 10 p) ** 0.75, p from 0 to 1 over the run
+    cfg = load_config(tiny_config, ["train.steps=1500", "schedule.name=inv"])
+    assert cfg.schedule.gamma == 10.0  # the default of unit progress, recorded in config.yaml
+    factor = lr_factor(cfg)
+    for step in (0, 1, 300, 750, 1499):
+        expected = (1 + 10 * step / 1500) ** -0.75
+        assert math.isclose(factor(step), expected, rel_tol=1e-12), step
+
+
+def test_inv_by_step_is_the_transfer_learning_librarys_schedule(tiny_config: Path) -> None:
+    # TLlib's examples: LambdaLR(opt, lambda x: lr * (1 + lr_gamma * x) ** -lr_decay) over
+    # param groups whose "lr" is a multiplier (1.0), x the number of optimizer steps taken;
+    # lr_gamma 0.001 and lr_decay 0.75 by default.
+    overrides = ["train.steps=1500", "schedule.name=inv", "schedule.unit=step", "optim.lr=0.01"]
+    cfg = load_config(tiny_config, overrides)
+    assert cfg.schedule.gamma == 0.001
+    factor = lr_factor(cfg)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [param], "lr": 1.0}], lr=0.01, momentum=0.9)
+    reference = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda x: 0.01 * (1.0 + 0.001 * float(x)) ** (-0.75)
+    )
+    for step in range(1500):
+        if step in (0, 1, 2, 250, 999, 1499):
+            assert math.isclose(opt.param_groups[0]["lr"], 0.01 * factor(step), rel_tol=1e-12)
+        opt.step()
+        reference.step()
+    assert math.isclose(factor(1499), (1 + 1.499) ** -0.75, rel_tol=1e-12)  # 0.503, not 0.17
+    # the two units agree on a 10,000-step run only
+    by_progress = lr_factor(load_config(tiny_config, ["train.steps=10000", "schedule.name=inv"]))
+    by_step = lr_factor(load_config(tiny_config, ["train.steps=10000", *overrides[1:3]]))
+    assert all(math.isclose(by_progress(k), by_step(k)) for k in (0, 5000, 9999))
+
+
 def test_onecycle_matches_torch(tiny_config: Path) -> None:
     cfg = load_config(tiny_config, ["train.steps=100", "schedule.name=onecycle", "optim.lr=0.1"])
     param = torch.nn.Parameter(torch.zeros(1))

@@ -109,3 +109,108 @@ def test_an_unknown_backbone_suggests_a_known_one() -> None:
         create_model("lenett", (1, 28, 28), 10)
     (line,) = info.value.lines
     assert line.startswith("model.backbone: unknown backbone 'lenett' (did you mean 'lenet'?)")
+
+
+# --------------------------------------------------------------------------- model.bottleneck
+def _model_config(**fields):
+    from xdt_cli.config import ModelConfig
+
+    return ModelConfig(backbone="lenet", **fields)
+
+
+def test_a_bottleneck_is_linear_batch_norm_relu_between_features_and_head() -> None:
+    torch.manual_seed(0)
+    model = create_model("lenet", (1, 28, 28), 10, bottleneck=256)
+    linear, norm, relu = model.bottleneck
+    assert isinstance(linear, nn.Linear) and (linear.in_features, linear.out_features) == (84, 256)
+    assert isinstance(norm, nn.BatchNorm1d) and norm.num_features == 256
+    assert isinstance(relu, nn.ReLU)
+    assert model.feature_dim == 256  # what the head reads and what the methods align
+    assert (model.head.in_features, model.head.out_features) == (256, 10)
+    model.eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        embedded = model.embed(x)
+        assert embedded.shape == (3, 256)
+        assert torch.equal(embedded, torch.relu(norm(linear(model.features(x)))))
+        assert torch.equal(model(x), model.head(embedded))
+    added = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("bottleneck")}
+    assert added == {
+        "bottleneck.0.weight": (256, 84),
+        "bottleneck.0.bias": (256,),
+        "bottleneck.1.weight": (256,),
+        "bottleneck.1.bias": (256,),
+        "bottleneck.1.running_mean": (256,),
+        "bottleneck.1.running_var": (256,),
+        "bottleneck.1.num_batches_tracked": (),
+    }
+
+
+def test_without_a_bottleneck_the_model_and_its_random_draws_are_unchanged() -> None:
+    torch.manual_seed(0)
+    plain = create_model("lenet", (1, 28, 28), 10)
+    assert isinstance(plain.bottleneck, nn.Identity) and plain.feature_dim == 84
+    assert all(k.startswith(("features.", "head.")) for k in plain.state_dict())
+    # the same weights as a model built the way it was before the option existed
+    torch.manual_seed(0)
+    features = BUILTIN_BACKBONES["lenet"](1)
+    features(torch.zeros(1, 1, 28, 28))
+    old = Classifier(features, 84, 10)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in old.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("fields", "trained"),
+    [
+        ({}, {"features", "bottleneck", "head"}),
+        ({"preset": "linear_probe"}, {"head"}),
+        ({"preset": "last_k_blocks"}, {"bottleneck", "head"}),
+        ({"preset": "last_k_blocks", "k_blocks": 2}, {"features.9", "bottleneck", "head"}),
+    ],
+)
+def test_the_bottleneck_is_the_last_block_of_theta_upd(fields: dict, trained: set[str]) -> None:
+    from xdt_cli.freezing import plan_freezing
+
+    model = create_model("lenet", (1, 28, 28), 10, bottleneck=256)
+    plan = plan_freezing(model, _model_config(bottleneck=256, **fields))
+    upd = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n for n in dict(model.named_parameters()) if n.startswith(tuple(trained))}
+    assert upd == expected
+    neck = sum(p.numel() for n, p in model.named_parameters() if n.startswith("bottleneck"))
+    assert neck == 84 * 256 + 256 + 2 * 256
+    assert plan.trainable == sum(p.numel() for n, p in model.named_parameters() if n in upd)
+
+
+def test_weights_without_a_bottleneck_give_a_new_bottleneck_and_a_new_head() -> None:
+    from xdt_cli.initialization import _load
+
+    torch.manual_seed(0)
+    source = create_model("lenet", (1, 28, 28), 10)
+    torch.manual_seed(1)
+    model = create_model("lenet", (1, 28, 28), 10, bottleneck=84)  # same head shape: not kept
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    note = _load(model, source.state_dict(), "init.run")
+    assert note == "new bottleneck (84 wide), new head (10 -> 10 classes)"
+    mine = model.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in source.state_dict().items() if "features" in k)
+    assert all(torch.equal(mine[k], fresh[k]) for k in mine if k.startswith(("bottleneck", "head")))
+    assert model.head_from_source is False
+    # the other way round is refused, naming the option
+    with pytest.raises(ConfigError, match="set model.bottleneck"):
+        _load(create_model("lenet", (1, 28, 28), 10), model.state_dict(), "init.run")
+
+
+@pytest.mark.parametrize("arch", ["hps", "mmoe"])
+def test_multitask_encoders_end_in_a_bottleneck(arch: str) -> None:
+    from xdt_cli.models import MultiTaskModel
+
+    model = MultiTaskModel("lenet", (1, 28, 28), {"a": 10, "b": 1}, arch=arch, bottleneck=32)
+    assert model.feature_dim == 32
+    x = torch.rand(4, 1, 28, 28)
+    rep = model.encode(x)
+    assert rep.shape == ((4, 32) if arch == "hps" else (4, 3, 32))
+    necks = [neck for _, neck in model.encoders()]
+    assert len(necks) == (1 if arch == "hps" else 3)
+    shared = {id(p) for p in model.shared_parameters()}
+    assert all(id(p) in shared for neck in necks for p in neck.parameters())
+    assert {t: tuple(y.shape) for t, y in model(x).items()} == {"a": (4, 10), "b": (4, 1)}

@@ -209,7 +209,9 @@ def lr_factor(cfg: ExperimentConfig) -> Callable[[int], float]:
         if isinstance(s, CosineSchedule):
             return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
         if isinstance(s, InvSchedule):
-            return (1 + s.gamma * t) ** -s.power
+            assert s.gamma is not None  # the schema resolved its default
+            count = t if s.unit == "progress" else k - warmup
+            return (1 + s.gamma * count) ** -s.power
         return 1.0
 
     return factor

@@ -230,12 +230,15 @@ def collect_features(
     ([N, C], float32), labels ([N], int64), domain and split names ([N]) of every scored
     sample, by domain, then split.
 
-    The features are the output of `method.model.features`, captured by a forward hook
-    while `method.predict` runs, so the logits are exactly the ones the metrics scored.
+    The features are what the head reads: the output of `method.model.bottleneck` (the
+    features' own output when the model has no bottleneck layer), captured by a forward
+    hook while `method.predict` runs, so the logits are exactly the ones the metrics scored.
     """
-    features_module = getattr(method.model, "features", None)
+    features_module = getattr(method.model, "bottleneck", None)
     if not isinstance(features_module, torch.nn.Module):
-        raise XdtError(f"--features: the model of method '{method.name}' has no .features")
+        raise XdtError(
+            f"--features: the model of method '{method.name}' is not a Classifier (no .bottleneck)"
+        )
     captured: list[Tensor] = []
     hook = features_module.register_forward_hook(lambda m, i, out: captured.append(out))
     feats, logits, labels, domains, splits = [], [], [], [], []
@@ -249,7 +252,7 @@ def collect_features(
                         out = method.predict(x, None)
                     if len(captured) != 1:
                         raise XdtError(
-                            f"--features: method '{method.name}' ran model.features "
+                            f"--features: method '{method.name}' ran model.bottleneck "
                             f"{len(captured)} times per batch; one is needed"
                         )
                     feats.append(captured[0].float().flatten(1).cpu())

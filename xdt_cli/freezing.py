@@ -11,7 +11,9 @@ returns a `FreezePlan`. In order:
    Howard & Ruder 2018); the engine releases them at that step.
 
 A *block* is a child module of the backbone that holds parameters (for `cnn`, the conv
-blocks and the dense block; for a torchvision ResNet, `conv1`, `bn1`, `layer1` ... `layer4`).
+blocks and the dense block; for a torchvision ResNet, `conv1`, `bn1`, `layer1` ... `layer4`),
+and the bottleneck (`model.bottleneck`) is the last block when there is one: `linear_probe`
+keeps it fixed, `last_k_blocks` with k 1 trains it and the head.
 Patterns are shell globs over the model's parameter names; a bare module name such as
 `features` also matches everything below it. A pattern that matches nothing is an error, so
 a typo cannot silently train the whole network.
@@ -48,11 +50,15 @@ def blocks(model: Classifier) -> list[list[str]]:
             prefix = f"{prefix}.{name}"
             continue
         break
-    return [
+    found = [
         [f"{prefix}.{child}.{p}" for p, _ in sub.named_parameters()]
         for child, sub in module.named_children()
         if _has_params(sub)
     ]
+    neck = getattr(model, "bottleneck", None)  # model.bottleneck: the last block
+    if neck is not None and _has_params(neck):
+        found.append([f"bottleneck.{p}" for p, _ in neck.named_parameters()])
+    return found
 
 
 def _has_params(module: nn.Module) -> bool:

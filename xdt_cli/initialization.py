@@ -181,8 +181,14 @@ def _timm_imagenet(name: str, model: Classifier) -> dict[str, Tensor]:
 
 def _load(model: Classifier, state: dict[str, Any], key: str) -> str:
     """Load `state` into `model`, keeping its head only when the shapes match."""
+    ours = model.state_dict()
+    # weights without a bottleneck (ImageNet's, a run without model.bottleneck) leave this
+    # model's bottleneck new, and so its head: the head would read what the bottleneck makes
+    new_neck = any(k.startswith("bottleneck.") for k in ours) and not any(
+        k.startswith("bottleneck.") for k in state
+    )
     head_w = state.get("head.weight")
-    kept = head_w is not None and head_w.shape == model.head.weight.shape
+    kept = head_w is not None and head_w.shape == model.head.weight.shape and not new_neck
     # regularisers toward the source (l2sp, delta) treat a kept head like the features
     model.head_from_source = kept
     if kept:
@@ -191,15 +197,19 @@ def _load(model: Classifier, state: dict[str, Any], key: str) -> str:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         before = f"{head_w.shape[0]} -> " if head_w is not None else ""
         note = f"new head ({before}{model.head.out_features} classes)"
-    ours = model.state_dict()
-    missing = sorted(k for k in ours if not k.startswith("head.") and k not in state)
+    if new_neck:
+        note = f"new bottleneck ({model.feature_dim} wide), {note}"
+    fresh = ("head.", "bottleneck.") if new_neck else ("head.",)
+    missing = sorted(k for k in ours if not k.startswith(fresh) and k not in state)
     unexpected = sorted(k for k in state if k not in ours)
     wrong = sorted(k for k in state if k in ours and state[k].shape != ours[k].shape)
     if missing or unexpected or wrong:
         parts = []
         if missing:
             parts.append(f"missing {', '.join(missing[:3])}")
-        if unexpected:
+        if unexpected and all(k.startswith("bottleneck.") for k in unexpected):
+            parts.append("they have a bottleneck layer and this model none: set model.bottleneck")
+        elif unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:3])}")
         if wrong:
             k = wrong[0]

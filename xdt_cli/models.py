@@ -24,20 +24,44 @@ from xdt_cli.config import ConfigError, did_you_mean
 from xdt_cli.registry import Registry
 
 
+def make_bottleneck(in_dim: int, width: int | None) -> nn.Module:
+    """`model.bottleneck`: Linear(in_dim, width) + BatchNorm1d + ReLU between the features
+    and the head, the `bottleneck` of the Transfer-Learning-Library's ImageClassifier
+    (tllib/modules/classifier.py, 256 wide in its examples). Without a width, an Identity:
+    no parameters, so a model without a bottleneck has the state dict it always had."""
+    if width is None:
+        return nn.Identity()
+    return nn.Sequential(nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.ReLU())
+
+
 class Classifier(nn.Module):
-    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int) -> None:
+    """features -> bottleneck -> head. `embed(x)` is what the head reads (the bottleneck's
+    output, or the features' when there is none) and what domain-adaptation methods align;
+    `feature_dim` is its width."""
+
+    def __init__(
+        self,
+        features: nn.Module,
+        feature_dim: int,
+        num_classes: int,
+        bottleneck: int | None = None,
+    ) -> None:
         super().__init__()
         self.features = features
-        self.feature_dim = feature_dim
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.bottleneck = make_bottleneck(feature_dim, bottleneck)
+        self.feature_dim = bottleneck or feature_dim
+        self.head = nn.Linear(self.feature_dim, num_classes)
         # names of batch-norm layers kept in eval mode while training (model.freeze_bn)
         self.frozen_bn: list[str] = []
         # False when `init` had to replace the head (a different class count); read by the
         # regularisers toward the source weights (l2sp, delta). See initialization.py.
         self.head_from_source = True
 
+    def embed(self, x: Tensor) -> Tensor:
+        return self.bottleneck(self.features(x))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        return self.head(self.embed(x))
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
@@ -216,8 +240,14 @@ def _measured(features: nn.Module, input_shape: tuple[int, ...], backbone: str) 
     return int(out.shape[1])
 
 
-def create_model(backbone: str, input_shape: tuple[int, ...], num_classes: int) -> Classifier:
-    """Build the classifier for inputs of `input_shape` (C, H, W) and `num_classes` classes."""
+def create_model(
+    backbone: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    bottleneck: int | None = None,
+) -> Classifier:
+    """Build the classifier for inputs of `input_shape` (C, H, W) and `num_classes` classes,
+    with a bottleneck of that width between features and head when one is given."""
     BACKBONES.load_plugins()
     channels = input_shape[0]
     if backbone in BACKBONES:
@@ -234,7 +264,7 @@ def create_model(backbone: str, input_shape: tuple[int, ...], num_classes: int) 
                 f"{', '.join(BACKBONES)}, timm:<name> or a torchvision classification model name"
             )
         features, feature_dim = _torchvision_features(backbone, channels)
-    return Classifier(features, feature_dim, num_classes)
+    return Classifier(features, feature_dim, num_classes, bottleneck)
 
 
 # --------------------------------------------------------------------------- multitask
@@ -248,6 +278,9 @@ class MultiTaskModel(nn.Module):
       copies of the backbone (`experts.<k>`), and per task a softmax gate `gates.<task>`, a
       linear map of the flattened image to expert weights (as LibMTL builds it for images);
       a task's vector is its gate's mixture of the expert vectors, then its head.
+
+    With `bottleneck` (model.bottleneck), the encoder and each expert end in one (see
+    `make_bottleneck`): `bottleneck` under hps, `bottlenecks.<k>` under mmoe.
 
     `encode(x)` gives the shared representation (the output of the shared parameters:
     [B, D] for hps, [B, E, D] for mmoe) and `decode(rep, x, tasks)` the outputs of `tasks`
@@ -266,37 +299,51 @@ class MultiTaskModel(nn.Module):
         arch: str | None = "hps",
         experts: int | None = 3,
         hidden: dict[str, list[int]] | None = None,
+        bottleneck: int | None = None,
     ) -> None:
         super().__init__()
         self.arch = arch
         self.frozen_bn: list[str] = []  # as Classifier.frozen_bn (model.freeze_bn)
         if arch == "hps":
-            probe = create_model(backbone, input_shape, 1)
+            probe = create_model(backbone, input_shape, 1, bottleneck)
             self.features = probe.features
+            self.bottleneck = probe.bottleneck
             dim = probe.feature_dim
         elif arch == "mmoe" and experts is not None:
-            built = [create_model(backbone, input_shape, 1) for _ in range(experts)]
+            built = [create_model(backbone, input_shape, 1, bottleneck) for _ in range(experts)]
             self.experts = nn.ModuleList(b.features for b in built)
+            self.bottlenecks = nn.ModuleList(b.bottleneck for b in built)
             dim = built[0].feature_dim
             flat = int(torch.tensor(input_shape).prod())
             self.gates = nn.ModuleDict({t: nn.Linear(flat, experts) for t in heads})
         else:
             raise ConfigError(f"model.arch: unknown architecture '{arch}' (hps or mmoe)")
         self.feature_dim = dim
+        self.bottleneck_width = bottleneck
         hidden = hidden or {}
         self.heads = nn.ModuleDict(
             {t: _head(dim, width, hidden.get(t, [])) for t, width in heads.items()}
         )
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """The parameters every task's loss reaches (theta_shared): the encoder or experts."""
-        module = self.features if self.arch == "hps" else self.experts
-        return [p for p in module.parameters() if p.requires_grad]
+        """The parameters every task's loss reaches (theta_shared): the encoder or experts,
+        with their bottlenecks."""
+        if self.arch == "hps":
+            modules = [self.features, self.bottleneck]
+        else:
+            modules = [self.experts, self.bottlenecks]
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def encoders(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(features, bottleneck) of the encoder (hps) or of each expert (mmoe)."""
+        if self.arch == "hps":
+            return [(self.features, self.bottleneck)]
+        return list(zip(self.experts, self.bottlenecks, strict=True))
 
     def encode(self, x: Tensor) -> Tensor:
         if self.arch == "hps":
-            return self.features(x)
-        return torch.stack([expert(x) for expert in self.experts], dim=1)
+            return self.bottleneck(self.features(x))
+        return torch.stack([neck(expert(x)) for expert, neck in self.encoders()], dim=1)
 
     def decode(self, rep: Tensor, x: Tensor, tasks: list[str]) -> dict[str, Tensor]:
         out = {}

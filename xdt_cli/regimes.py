@@ -137,7 +137,9 @@ def build_run(
     trained = domains.target if subcommand == "finetune" else domains.source
     assert trained is not None  # config validation requires it
 
-    model = create_model(cfg.model.backbone, trained.input_shape, trained.num_classes)
+    model = create_model(
+        cfg.model.backbone, trained.input_shape, trained.num_classes, cfg.model.bottleneck
+    )
     notes = [
         f"{key}: skipped {len(d.skipped)} unreadable images (skip_bad_images)"
         for key, d in (("data.source", domains.source), ("data.target", domains.target))
@@ -325,7 +327,9 @@ def _build_generalize(cfg: ExperimentConfig, runtime: Runtime, *, resuming: bool
     for other in training[1:] + held:
         check_compatible(first, other, key=f"data.dataset ({other.name})")
 
-    model = create_model(cfg.model.backbone, first.input_shape, first.num_classes)
+    model = create_model(
+        cfg.model.backbone, first.input_shape, first.num_classes, cfg.model.bottleneck
+    )
     notes = []
     method, plan = _make_method(model, cfg, notes, init=None if resuming else initialize)
     method.setup_domains(names)
@@ -481,6 +485,7 @@ def _build_multitask(
         arch=cfg.model.arch,  # resolved: hps unless the config says mmoe (resolve.py)
         experts=cfg.model.experts,  # resolved: 3 under mmoe (config/schema.py)
         hidden=cfg.model.heads,
+        bottleneck=cfg.model.bottleneck,
     )
     notes = [
         f"data.tasks.{g.tasks[0]}: skipped {len(g.domain.skipped)} unreadable images"
@@ -544,10 +549,12 @@ def _delta_m_entry(summary: dict[str, Any], *, baselines: dict[str, Any]) -> dic
 def _initialize_encoders(model: MultiTaskModel, cfg: ExperimentConfig) -> str | None:
     """`init` loads a single-task model's features into the encoder (hps) or into every
     expert (mmoe); each task's head starts new."""
-    encoders = [model.features] if model.arch == "hps" else list(model.experts)
+    encoders = model.encoders()
     message = None
-    for encoder in encoders:  # a view sharing the encoder's modules, so loading fills it
-        message = initialize(Classifier(encoder, model.feature_dim, 1), cfg)
+    for features, neck in encoders:  # a view sharing the encoder's modules: loading fills it
+        view = Classifier(features, model.feature_dim, 1)
+        view.bottleneck = neck
+        message = initialize(view, cfg)
     if message is None:
         return None
     into = "the encoder" if model.arch == "hps" else f"each of the {len(encoders)} experts"

@@ -239,6 +239,14 @@ class ModelConfig(Strict):
         description="lenet, cnn, brief_cnn, a torchvision classification model name, "
         "timm:<name> (with timm installed) or a plug-in backbone",
     )
+    bottleneck: int | None = Field(
+        None,
+        gt=0,
+        strict=True,
+        description="a layer of this width between the features and the head(s): Linear + "
+        "BatchNorm1d + ReLU, the Transfer-Learning-Library's ImageClassifier (256 there); "
+        "domain-adaptation methods align its output",
+    )
     preset: Literal["full", "linear_probe", "last_k_blocks"] | None = Field(
         None,
         description="full: all train; linear_probe: only the head; last_k_blocks: the head "
@@ -399,13 +407,36 @@ class CosineSchedule(_ScheduleBase):
 
 
 class InvSchedule(_ScheduleBase):
-    """lr * (1 + gamma * p) ** -power with p = step / train.steps: the annealing of DANN
-    (Ganin et al. 2016) used by most domain-adaptation papers and the Transfer-Learning-Library.
+    """Inverse decay, lr * (1 + gamma * t) ** -power, counted two ways (`unit`):
+
+    - `progress` (the default): t = step / train.steps, from 0 to 1, gamma 10. The annealing
+      of DANN's paper (Ganin et al. 2016, JMLR, section 5.2.2), the same curve for any
+      run length.
+    - `step`: t = the optimizer step (0, 1, 2 ...), gamma 0.001. The Transfer-Learning-
+      Library's examples (`LambdaLR(lambda x: lr * (1 + lr_gamma * x) ** -lr_decay)`,
+      lr_gamma 0.001, lr_decay 0.75), so a 1,500-step run ends at 0.50 of the base lr
+      where `progress` ends at 0.17. The two agree only for a 10,000-step run.
+
+    Steps in the warm-up (`warmup_steps`) are not counted.
     """
 
     name: Literal["inv"] = "inv"
-    gamma: float = Field(10.0, gt=0)
+    unit: Literal["progress", "step"] = Field(
+        "progress",
+        description="progress: t = step / train.steps (Ganin et al.); step: t = the step "
+        "count (the Transfer-Learning-Library)",
+    )
+    gamma: float | None = Field(
+        None, gt=0, description="default 10 with unit progress, 0.001 with unit step"
+    )
     power: float = Field(0.75, gt=0)
+
+    @model_validator(mode="after")
+    def _default_gamma(self) -> InvSchedule:
+        # resolved here, so that config.yaml records the gamma that ran
+        if self.gamma is None:
+            self.gamma = 10.0 if self.unit == "progress" else 0.001
+        return self
 
 
 class OneCycleSchedule(Strict):

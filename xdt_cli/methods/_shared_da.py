@@ -61,7 +61,7 @@ def forward_transfer(model: Classifier, batch: list[DomainBatch]) -> TransferFor
     source, target = batch
     if source.y is None:
         raise ValueError(f"the source batch of domain '{source.domain}' has no labels")
-    features = model.features(torch.cat([source.x, target.x]))
+    features = model.embed(torch.cat([source.x, target.x]))
     return TransferForward(
         features=features,
         logits=model.head(features),

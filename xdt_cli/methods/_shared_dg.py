@@ -63,7 +63,7 @@ def forward_domains(model: Classifier, batch: list[DomainBatch]) -> DomainsForwa
     for b in batch:
         labels_of(b)
     sizes = [len(b.x) for b in batch]
-    features = model.features(torch.cat([b.x for b in batch]))
+    features = model.embed(torch.cat([b.x for b in batch]))
     logits = model.head(features)
     return DomainsForward(
         batches=list(batch),

@@ -78,7 +78,7 @@ class AdaBN(SourceOnly):
     def adapt_statistics(self, x: Tensor) -> None:
         """Move the running batch-norm statistics toward those of the target batch `x`.
 
-        Only the features hold batch norm (the head is linear), so only they are forwarded;
-        without gradients nothing else changes.
+        Only the features and the bottleneck hold batch norm (the head is linear), so only
+        they are forwarded; without gradients nothing else changes.
         """
-        self.model.features(x)
+        self.model.embed(x)

@@ -65,7 +65,7 @@ class BSS(Method):
 
     def training_step(self, batch: list[DomainBatch], step: int) -> dict[str, Tensor]:
         (target,) = batch
-        features = self.model.features(target.x)
+        features = self.model.embed(target.x)
         logits = self.model.head(features)
         cls_loss = F.cross_entropy(logits, target.y)
         # torchrun: the singular values of the whole global batch's feature matrix

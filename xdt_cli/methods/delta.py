@@ -244,7 +244,7 @@ class DELTA(Method):
         maps: dict[str, Tensor] = {}
         with _hooked({n: fine_modules[n] for n in self.layers}, maps):
             features = self.model.features(x)
-        logits = self.model.head(features)
+        logits = self.model.head(self.model.bottleneck(features))
         cls_loss = F.cross_entropy(logits, y)
 
         reg_loss = self.feature_map_distance(x, maps)
