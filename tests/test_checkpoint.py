@@ -246,3 +246,71 @@ def test_unwrapped_state_dicts_of_compiled_and_wrapped_models_load_into_plain_on
     plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     plain.load_state_dict(unwrap_state_dict(wrapped.state_dict()))  # strict
     assert torch.equal(plain[0].weight, inner[0].weight)
+
+
+# --------------------------------------------------------------------------- damage
+def _flip_a_byte_of(path: Path, tensor: torch.Tensor) -> None:
+    """Flip one bit inside the stored bytes of `tensor` (torch.save stores them as is)."""
+    raw = path.read_bytes()
+    where = raw.find(tensor.numpy().tobytes())
+    assert where > 0, "the tensor's bytes are not stored verbatim"
+    damaged = bytearray(raw)
+    damaged[where + 401] ^= 0x04
+    path.write_bytes(bytes(damaged))
+
+
+def test_a_flipped_bit_in_a_tensor_is_detected_by_the_checksum(tmp_path: Path) -> None:
+    weights = torch.arange(1000.0)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 3, "w": weights})
+    _flip_a_byte_of(path, weights)
+    # torch itself loads the altered file without complaint: only the checksum sees it
+    assert not torch.equal(torch.load(path, weights_only=True)["w"], weights)
+    line = refusal(path)
+    assert "damaged" in line and "checksum" in line
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.99])
+def test_a_truncated_checkpoint_is_refused_with_one_line(tmp_path: Path, keep: float) -> None:
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"step": 3, "w": torch.arange(1000.0)})
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+    refusal(path)
+
+
+def test_the_checksum_covers_plain_values_and_survives_a_round_trip(tmp_path: Path) -> None:
+    from xdt_cli.checkpoint import content_digest
+
+    state = {"format": FORMAT, "step": 3, "best": {"value": 0.5, "metrics": {"a": 1.0}}}
+    again = {"format": FORMAT, "step": 3, "best": {"value": 0.5, "metrics": {"a": 1.0}}}
+    other = {"format": FORMAT, "step": 3, "best": {"value": 0.25, "metrics": {"a": 1.0}}}
+    assert content_digest(state) == content_digest(again) != content_digest(other)
+    assert content_digest({"s": [1, 2]}) != content_digest({"s": (1, 2)})
+    assert content_digest({"w": torch.zeros(2)}) != content_digest({"w": torch.zeros(2, 1)})
+    assert content_digest({"w": torch.zeros(2)}) != content_digest({"w": torch.zeros(2).half()})
+    save_checkpoint(tmp_path / "c.pt", {"step": 3, "best": state["best"], "t": (1, "x")})
+    assert load_checkpoint(tmp_path / "c.pt")["best"] == state["best"]
+
+
+def test_keep_previous_leaves_the_replaced_checkpoint_as_prev(tmp_path: Path) -> None:
+    from xdt_cli.checkpoint import previous_path, resume_checkpoint
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 10, "w": torch.arange(1000.0)}, keep_previous=True)
+    assert not previous_path(path).exists()
+    save_checkpoint(path, {"step": 20, "w": torch.arange(1000.0) + 1}, keep_previous=True)
+    assert previous_path(path) == tmp_path / "last.prev.pt"
+    assert load_checkpoint(previous_path(path))["step"] == 10
+    state, note = resume_checkpoint(path)
+    assert state["step"] == 20 and note is None
+    _flip_a_byte_of(path, torch.arange(1000.0) + 1)
+    state, note = resume_checkpoint(path)
+    assert state["step"] == 10
+    assert note is not None and note.startswith("last.pt is unusable (damaged")
+    assert note.endswith("resuming from last.prev.pt")
+    path.unlink()  # a crash between the two renames leaves only last.prev.pt
+    assert resume_checkpoint(path)[0]["step"] == 10
+    previous_path(path).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="last.pt: checkpoint not found; last.prev.pt is"):
+        resume_checkpoint(path)

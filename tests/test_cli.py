@@ -222,8 +222,10 @@ def test_resume_refuses_bad_folders_and_checkpoints(cli, tiny_config: Path, tmp_
     run_dir = tmp_path / "runs" / "r"
     (run_dir / "summary.json").unlink()  # as if it had been killed
     (run_dir / "checkpoints" / "last.pt").write_bytes(b"\x80\x04 not a checkpoint")
+    (run_dir / "checkpoints" / "last.prev.pt").write_bytes(b"")  # its fallback, damaged too
     result = cli("resume", run_dir)
     assert result.exit_code == 2 and "last.pt" in result.stderr
+    assert "last.prev.pt is unusable too" in result.stderr
     assert result.stderr.count("\n") == 1
 
 
@@ -233,6 +235,7 @@ def test_resume_without_last_pt_trains_from_scratch(cli, tiny_config: Path, tmp_
     expected = (run_dir / "metrics.jsonl").read_text()
     (run_dir / "summary.json").unlink()
     (run_dir / "checkpoints" / "last.pt").unlink()
+    (run_dir / "checkpoints" / "last.prev.pt").unlink()  # else resume would start there
     result = cli("resume", run_dir, "--json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["status"] == "completed"

@@ -279,3 +279,116 @@ def test_onecycle_matches_torch(tiny_config: Path) -> None:
         assert math.isclose(opt.param_groups[0]["lr"], 0.1 * factor(step), rel_tol=1e-6), step
         opt.step()
         reference.step()
+
+
+# --------------------------------------------------------------------------- damage, NaN
+class Messages(Reporter):
+    """A quiet reporter that keeps the messages it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(quiet=True)
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def test_resume_falls_back_to_the_previous_last_pt_when_the_newest_is_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path / "resumable.yaml", RESUMABLE)
+    runs = tmp_path / "runs"
+    straight = run(config, "straight", runs)
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 25, signal.SIGINT)  # last.pt at 10, 20 and 25
+        with pytest.raises(RunInterrupted):
+            run(config, "cut", runs)
+    ckpts = runs / "cut" / "checkpoints"
+    assert load_checkpoint(ckpts / "last.prev.pt")["step"] == 20
+    raw = bytearray((ckpts / "last.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # damage it somewhere in the middle
+    (ckpts / "last.pt").write_bytes(bytes(raw))
+
+    reporter = Messages()
+    resumed, trained = resume_run(runs / "cut", reporter=reporter)
+    assert trained
+    assert any(
+        line.startswith("last.pt is unusable (") and line.endswith("resuming from last.prev.pt")
+        for line in reporter.lines
+    ), reporter.lines
+    assert any("resuming" in line and "at step 20/30" in line for line in reporter.lines)
+    assert metrics_text(runs, "cut") == metrics_text(runs, "straight")
+    for key in ("final", "best", "best_step", "steps", "status"):
+        assert resumed[key] == straight[key]
+    a = load_checkpoint(runs / "straight" / "checkpoints" / "last.pt")["method"]
+    b = load_checkpoint(ckpts / "last.pt")["method"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, steps: Callable[[int], bool]) -> None:
+    original = ERM.training_step
+
+    def poisoned(self, batch, step):
+        out = original(self, batch, step)
+        if steps(step):
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(ERM, "training_step", poisoned)
+
+
+def test_on_nonfinite_skip_skips_the_step_without_touching_a_weight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path / "resumable.yaml", RESUMABLE)  # SGD with momentum
+    _poison(monkeypatch, lambda step: step in (12, 13))  # 0-based: steps 13 and 14
+    seen: dict[int, dict] = {}
+    original = Engine._train_step
+
+    def watched(self):
+        before = _snapshot_state(self)
+        out = original(self)
+        seen[self.step] = {"changed": _snapshot_state(self) != before, "out": out}
+        return out
+
+    monkeypatch.setattr(Engine, "_train_step", watched)
+    reporter = Messages()
+    summary = start_run(
+        "train-source",
+        config,
+        ["train.on_nonfinite=skip"],
+        name="skip",
+        runs_dir=tmp_path / "runs",
+        reporter=reporter,
+    )
+    assert summary["status"] == "completed" and summary["nonfinite_skipped"] == 2
+    assert [s for s, v in seen.items() if v["out"] is None] == [12, 13]
+    assert not seen[12]["changed"] and not seen[13]["changed"]  # not even momentum moved
+    assert seen[11]["changed"] and seen[14]["changed"]
+    assert reporter.lines.count("step 13: non-finite loss; step skipped (1 in a row)") == 1
+    assert "step 14: non-finite loss; step skipped (2 in a row)" in reporter.lines
+    rows = [json.loads(line) for line in metrics_text(tmp_path / "runs", "skip").splitlines()]
+    trains = [r for r in rows if r["split"] == "train"]
+    assert all(math.isfinite(r["train/loss"]) for r in trains)
+    assert [r["train/nonfinite_skipped"] for r in trains if r["step"] in (12, 16)] == [0, 2]
+
+
+def _snapshot_state(engine: Engine) -> list[bytes]:
+    state = engine.method.state_dict()
+    momentum = [s["momentum_buffer"] for s in engine.optimizer.state.values() if s]
+    return [t.numpy().tobytes() for t in [*state.values(), *momentum]]
+
+
+def test_on_nonfinite_skip_stops_after_max_nonfinite_in_a_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path / "resumable.yaml", RESUMABLE)
+    _poison(monkeypatch, lambda step: step >= 21)  # 1-based steps 22, 23, 24 ...
+    overrides = ["train.on_nonfinite=skip", "train.max_nonfinite=3"]
+    summary = run(config, "stop", tmp_path / "runs", overrides)
+    assert summary["status"] == "failed" and summary["steps"] == 23
+    assert summary["error"].startswith(
+        "step 24: non-finite loss; 3 steps in a row skipped (train.max_nonfinite 3)"
+    )
+    last = load_checkpoint(tmp_path / "runs" / "stop" / "checkpoints" / "last.pt")
+    assert last["step"] == 20 and last["nonfinite"] == {"in_a_row": 0, "total": 0}

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from xdt_cli.checkpoint import previous_path
 from xdt_cli.config import ExperimentConfig, dump_config
 from xdt_cli.engine import Engine
 from xdt_cli.errors import CheckpointError
@@ -159,35 +160,43 @@ def resume_run(
     runtime = Runtime.from_env(cfg.device)
     if runtime.is_main:  # torchrun: rank 0 alone writes the folder; every rank reads last.pt
         run.lock()
-    resuming = run.last_ckpt.exists()
-    single_task_path = run.path / SINGLE_TASK_FILE
-    single_task = run.read_json(single_task_path) if single_task_path.is_file() else None
-    experiment = build_experiment(
-        subcommand, cfg, runtime, resuming=resuming, single_task=single_task
-    )
-    engine = Engine(cfg, experiment, runtime, run=run, reporter=reporter)
-    if resuming:
-        engine.resume_from(run.last_ckpt)
-        reporter.message(f"resuming {run.path} at step {engine.step}/{cfg.train.steps}")
-    elif runtime.is_main:
-        run.best_ckpt.unlink(missing_ok=True)
-        reporter.message(f"{run.path} has no last.pt yet: training from step 0")
-    if not runtime.is_main:
-        return _fit(engine, reporter, None), True
-    run.truncate_metrics(engine.step)
-    run.summary_path.unlink(missing_ok=True)
-    meta.setdefault("resumed", []).append(
-        {
-            "argv": argv or sys.argv,
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-            "step": engine.step,
-            "device": str(runtime.device),
-            "processes": runtime.world_size,
-        }
-    )
-    run.write_json(run.meta_path, meta)
-    trackers = open_trackers(cfg, run, subcommand, resumed=True)
-    return _fit(engine, reporter, run, trackers), True
+    try:  # a bad last.pt, meta.json or metrics.jsonl releases the lock (the caller may
+        # fix it and retry in this process); _fit releases it when training ends
+        # last.prev.pt alone: a crash between the two renames of a save (checkpoint.py)
+        resuming = run.last_ckpt.exists() or previous_path(run.last_ckpt).exists()
+        single_task_path = run.path / SINGLE_TASK_FILE
+        single_task = run.read_json(single_task_path) if single_task_path.is_file() else None
+        experiment = build_experiment(
+            subcommand, cfg, runtime, resuming=resuming, single_task=single_task
+        )
+        engine = Engine(cfg, experiment, runtime, run=run, reporter=reporter)
+        if resuming:
+            note = engine.resume_from(run.last_ckpt)
+            if note is not None:
+                reporter.message(note)
+            reporter.message(f"resuming {run.path} at step {engine.step}/{cfg.train.steps}")
+        elif runtime.is_main:
+            run.best_ckpt.unlink(missing_ok=True)
+            reporter.message(f"{run.path} has no last.pt yet: training from step 0")
+        if not runtime.is_main:
+            return _fit(engine, reporter, None), True
+        run.truncate_metrics(engine.step)
+        run.summary_path.unlink(missing_ok=True)
+        meta.setdefault("resumed", []).append(
+            {
+                "argv": argv or sys.argv,
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "step": engine.step,
+                "device": str(runtime.device),
+                "processes": runtime.world_size,
+            }
+        )
+        run.write_json(run.meta_path, meta)
+        trackers = open_trackers(cfg, run, subcommand, resumed=True)
+        return _fit(engine, reporter, run, trackers), True
+    except BaseException:
+        run.unlock()
+        raise
 
 
 def _fit(

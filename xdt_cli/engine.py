@@ -60,7 +60,12 @@ import torch
 from torch import Tensor
 
 from xdt_cli import distributed
-from xdt_cli.checkpoint import load_checkpoint, save_checkpoint, unwrap_state_dict
+from xdt_cli.checkpoint import (
+    previous_path,
+    resume_checkpoint,
+    save_checkpoint,
+    unwrap_state_dict,
+)
 from xdt_cli.config import (
     AdamConfig,
     AdamWConfig,
@@ -83,6 +88,8 @@ from xdt_cli.runtime import Runtime, autocast_for, resolve_precision, stop_signa
 from xdt_cli.selection import is_better, mode_of
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from xdt_cli.tracking import Tracker
 
 
@@ -217,6 +224,16 @@ def lr_factor(cfg: ExperimentConfig) -> Callable[[int], float]:
     return factor
 
 
+def _nonfinite_terms(values: dict[str, Tensor]) -> list[str]:
+    """The names of the entries holding a NaN or an infinity, `loss` (their sum) last."""
+    bad = [
+        k
+        for k, v in values.items()
+        if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+    return sorted(bad, key=lambda k: (k == "loss", k))
+
+
 def _cos_between(start: float, end: float, t: float) -> float:
     return end + (start - end) / 2 * (1 + math.cos(math.pi * t))
 
@@ -279,7 +296,11 @@ class Engine:
             self.params,
             cfg.train.grad_clip,
             average_gradients=runtime.world_size > 1 and manual,
+            skip_nonfinite=cfg.train.on_nonfinite == "skip",
         )
+        # train.on_nonfinite skip: skipped steps in a row (the run stops at max_nonfinite)
+        # and in all
+        self.nonfinite = {"in_a_row": 0, "total": 0}
         # train.ema: the running average of the method's floating-point state
         self.ema: dict[str, Any] | None = None
         if cfg.train.ema is not None:
@@ -326,6 +347,7 @@ class Engine:
             "bad_evals": self.bad_evals,
             "log_sums": {k: v.detach().cpu() for k, v in self.log_sums.items()},
             "log_count": self.log_count,
+            "nonfinite": dict(self.nonfinite),
             "elapsed": elapsed,
         }
 
@@ -357,6 +379,7 @@ class Engine:
             self.bad_evals = int(state["bad_evals"])
             self.log_sums = {k: v.to(self.device) for k, v in self._saved_sums(state).items()}
             self.log_count = int(state["log_count"])
+            self.nonfinite = dict(state.get("nonfinite", {"in_a_row": 0, "total": 0}))
             self.elapsed_before = float(state["elapsed"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             first = first_line(exc, 200, kind=False)
@@ -373,8 +396,12 @@ class Engine:
             return ranks[self.runtime.rank]
         return {k: sum(r[k] for r in ranks) / len(ranks) for k in ranks[0]}
 
-    def resume_from(self, path) -> None:
-        self.load_state_dict(load_checkpoint(path), str(path))
+    def resume_from(self, path: Path) -> str | None:
+        """Continue from last.pt, or from last.prev.pt when last.pt is damaged or missing
+        (see checkpoint.resume_checkpoint); returns the note that says so."""
+        state, note = resume_checkpoint(path)
+        self.load_state_dict(state, str(path if note is None else previous_path(path)))
+        return note
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, trackers: Sequence[Tracker] = ()) -> dict[str, Any]:
@@ -393,7 +420,8 @@ class Engine:
                     self._release_due_parameters()
                     out = self._train_step()
                     self.step += 1
-                    self._accumulate(out)
+                    if out is not None:  # None: a skipped non-finite step (on_nonfinite)
+                        self._accumulate(out)
                     self.reporter.advance(self.step)
                     if self.step % self.cfg.train.log_every == 0:
                         self._log_train()
@@ -405,6 +433,7 @@ class Engine:
                             break
                     if self._stop_requested():
                         self._check_finite()
+                        self._check_weights_finite()
                         self._save_last(elapsed())
                         raise RunInterrupted(self._signal or signal.SIGTERM, self.step)
         except NonFiniteLoss as exc:
@@ -425,24 +454,64 @@ class Engine:
             if self.ddp is not None:  # DDP reduces only what trained when it was built
                 self.ddp = self._wrap()
 
-    def _train_step(self) -> dict[str, Tensor]:
+    def _train_step(self) -> dict[str, Tensor] | None:
+        """One optimisation step; None when train.on_nonfinite skip skipped it."""
         batch = []  # a multitask stream gives one batch per task of its inputs
         for stream in self.streams:
             part = stream.batch(self.step)
             batch.extend(part if isinstance(part, list) else [part])
+        skip = self.opt_step.skip_nonfinite
+        # skip mode: the buffers (batch-norm statistics) the forward pass moves are put back
+        # when the step is skipped, so a NaN batch leaves no trace in the model
+        buffers = [b.clone() for b in self.method.buffers()] if skip else []
         if self.method.manual_optimization:
             out = self.method.manual_step(batch, self.step, self.opt_step)
+            skipped = self.opt_step.skipped or (skip and self._any_nonfinite(out["loss"]))
         else:
             with self.autocast:
                 if self.ddp is not None:  # Method.forward is training_step
                     out = self.ddp(batch, self.step)
                 else:
                     out = self.method.training_step(batch, self.step)
-            self.opt_step.backward(out["loss"])
-            self.opt_step.step()
-        self.scheduler.step()
+            # a collective decision under torchrun: DDP's backward needs every rank
+            skipped = skip and self._any_nonfinite(out["loss"])
+            if skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.opt_step.backward(out["loss"])
+                self.opt_step.step()
+                skipped = self.opt_step.skipped
+        self.scheduler.step()  # the lr follows the step count, skipped steps included
+        if skipped:
+            with torch.no_grad():
+                for buffer, before in zip(self.method.buffers(), buffers, strict=True):
+                    buffer.copy_(before)
+            self._count_skipped(out)
+            return None
+        self.nonfinite["in_a_row"] = 0
         self._update_ema()
         return out
+
+    def _any_nonfinite(self, loss: Tensor) -> bool:
+        """The loss is NaN or infinite here, or (torchrun) on any rank; reads it (a sync)."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        return bad if self.runtime.world_size == 1 else distributed.any_(bad, self.device)
+
+    def _count_skipped(self, out: dict[str, Tensor]) -> None:
+        """train.on_nonfinite skip: count the step (1-based number self.step + 1), say
+        which loss terms were non-finite, and stop after max_nonfinite in a row."""
+        self.nonfinite["in_a_row"] += 1
+        self.nonfinite["total"] += 1
+        terms = _nonfinite_terms(out) or ["the gradients"]
+        in_a_row, limit = self.nonfinite["in_a_row"], self.cfg.train.max_nonfinite
+        where = f"step {self.step + 1}: non-finite {', '.join(terms)}"
+        if in_a_row >= limit:
+            raise NonFiniteLoss(
+                f"{where}; {in_a_row} steps in a row skipped (train.max_nonfinite {limit}), "
+                "so the run stops; last.pt keeps the last good state (try a lower optim.lr "
+                "or train.grad_clip)"
+            )
+        self.reporter.message(f"{where}; step skipped ({in_a_row} in a row)")
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -500,10 +569,22 @@ class Engine:
             # on a copy: each rank's own sums stay as they are until the window is logged
             loss = distributed.average_(loss.clone())
         if loss is not None and not torch.isfinite(loss).item():
+            terms = ", ".join(_nonfinite_terms(self.log_sums) or ["loss"])
             raise NonFiniteLoss(
                 f"the training loss became non-finite between steps "
-                f"{self.step - self.log_count + 1} and {self.step}; last.pt keeps the last "
-                "good state (try a lower optim.lr, train.grad_clip, or train.precision=fp32)"
+                f"{self.step - self.log_count + 1} and {self.step} ({terms}); last.pt keeps "
+                "the last good state (try a lower optim.lr, train.grad_clip, "
+                "train.on_nonfinite=skip or train.precision=fp32)"
+            )
+
+    def _check_weights_finite(self) -> None:
+        """No checkpoint holds a NaN: weights that became non-finite while the loss stayed
+        finite (it can happen) stop the run before anything is written."""
+        bad = _nonfinite_terms(self.method.state_dict())
+        if bad:
+            raise NonFiniteLoss(
+                f"the weights became non-finite by step {self.step} ({bad[0]}); last.pt "
+                "keeps the last good state (try a lower optim.lr or train.grad_clip)"
             )
 
     def _log_train(self) -> None:
@@ -511,9 +592,11 @@ class Engine:
             distributed.average_(self.log_sums[key])
         self._check_finite(averaged=True)
         row: dict[str, Any] = {"step": self.step, "split": "train"}
-        for key, total in self.log_sums.items():
+        for key, total in self.log_sums.items():  # none when every step was skipped
             row[f"train/{key}"] = (total / self.log_count).item()
         row["train/lr"] = self.scheduler.get_last_lr()[0]
+        if self.opt_step.skip_nonfinite:
+            row["train/nonfinite_skipped"] = self.nonfinite["total"]
         self.log_sums, self.log_count = {}, 0
         self._record(row)
         self.reporter.train_row(row)
@@ -521,6 +604,7 @@ class Engine:
     def _evaluate_and_save(self, elapsed: float) -> bool:
         """Evaluate, update best.pt and last.pt; return True when early stopping triggers."""
         self._check_finite()
+        self._check_weights_finite()
         self._align_ranks()
         with self._evaluated_weights():
             score = self.exp.evaluator
@@ -568,7 +652,7 @@ class Engine:
             local = {k: v.detach().cpu() for k, v in self.log_sums.items()}
             sums = distributed.gather_objects(local)
         if self.run is not None:
-            save_checkpoint(self.run.last_ckpt, self.state_dict(elapsed, sums))
+            save_checkpoint(self.run.last_ckpt, self.state_dict(elapsed, sums), keep_previous=True)
 
     def _record(self, row: dict[str, Any]) -> None:
         """A metrics.jsonl row (rank 0), mirrored to the trackers (tracking/)."""
@@ -597,6 +681,8 @@ class Engine:
             summary.update(self.exp.finish_summary(summary))
         if self.cfg.train.ema is not None:
             summary["ema"] = self.cfg.train.ema  # "best" and "final" score the average
+        if self.opt_step.skip_nonfinite:
+            summary["nonfinite_skipped"] = self.nonfinite["total"]
         if error is not None:
             summary["error"] = error
         if self.run is not None:

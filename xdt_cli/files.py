@@ -13,8 +13,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def atomic_write_bytes(path: Path, writer: Callable[[BinaryIO], object]) -> None:
-    """Call `writer(file)` on a temporary file next to `path`, then rename it onto `path`."""
+def atomic_write_bytes(
+    path: Path,
+    writer: Callable[[BinaryIO], object],
+    *,
+    before_replace: Callable[[], object] | None = None,
+) -> None:
+    """Call `writer(file)` on a temporary file next to `path`, then rename it onto `path`.
+    `before_replace` runs once the new file is complete, just before the rename (e.g. to
+    keep the file being replaced under another name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -22,6 +29,8 @@ def atomic_write_bytes(path: Path, writer: Callable[[BinaryIO], object]) -> None
             writer(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -480,6 +480,15 @@ class TrainConfig(Strict):
         "auto", description="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU"
     )
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a NaN or infinite loss or gradient: stop (the run fails, last.pt keeps "
+        "the last good state) or skip (that step changes no weight and is counted; the run "
+        "stops after max_nonfinite skipped steps in a row). skip reads the loss every step",
+    )
+    max_nonfinite: int = Field(
+        10, gt=0, strict=True, description="on_nonfinite skip: stop after this many in a row"
+    )
     early_stopping: int | None = Field(
         None, gt=0, strict=True, description="stop after N evaluations without improvement"
     )

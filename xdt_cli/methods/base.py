@@ -49,6 +49,10 @@ class OptimizerStep:
     # torchrun, manual methods: average the gradients over ranks before stepping (what
     # DistributedDataParallel does for the others); idempotent on already-averaged ones
     average_gradients: bool = False
+    # train.on_nonfinite skip: a step whose gradients hold a NaN or an infinity changes no
+    # weight; `skipped` says whether the last `step()` was such a step
+    skip_nonfinite: bool = False
+    skipped: bool = False
 
     def scale(self, loss: Tensor) -> Tensor:
         return self.scaler.scale(loss)
@@ -62,6 +66,13 @@ class OptimizerStep:
     def step(self) -> None:
         if self.average_gradients:
             distributed.average_gradients(self.params)
+        self.skipped = False
+        if self.skip_nonfinite and not self.scaler.is_enabled():  # fp16's scaler skips its own
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped = True
+                return
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
