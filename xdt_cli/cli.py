@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperGroup
 
 from xdt_cli import __version__
-from xdt_cli.config import did_you_mean, first_line
+from xdt_cli.config import SUBCOMMANDS, did_you_mean, first_line
 from xdt_cli.errors import RunInterrupted, XdtError
 
 # click's ClickException (usage errors, bad options) is the base of typer.BadParameter;
@@ -582,6 +582,11 @@ def validate(
         from xdt_cli.resolve import load_config
         from xdt_cli.runtime import Runtime
 
+        if subcommand not in SUBCOMMANDS:  # else the method check would name it first
+            raise XdtError(
+                f"--subcommand: unknown subcommand '{subcommand}'"
+                f"{did_you_mean(subcommand, SUBCOMMANDS)}; known: {', '.join(SUBCOMMANDS)}"
+            )
         cfg = load_config(config, overrides or [], subcommand=subcommand)
         build_experiment(subcommand, cfg, Runtime.from_env("cpu"))
         print(dump_config(cfg), end="")

@@ -52,6 +52,7 @@ import functools
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -352,9 +353,17 @@ class Engine:
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        if state.get("data") != [s.state_dict() for s in self.streams]:
-            raise CheckpointError(f"{source}: its data streams differ from this run's config")
+        with warnings.catch_warnings():  # a damaged entry may make torch warn: one line only
+            warnings.simplefilter("ignore", UserWarning)
+            self._load_state_dict(state, source)
+
+    def _load_state_dict(self, state: dict[str, Any], source: str) -> None:
         try:
+            for key in ("method", "optimizer", "scheduler", "scaler", "rng", "log_sums"):
+                if not isinstance(state[key], dict):
+                    raise TypeError(f"its {key} is a {type(state[key]).__name__}, not a dict")
+            if state.get("data") != [s.state_dict() for s in self.streams]:
+                raise CheckpointError(f"{source}: its data streams differ from this run's config")
             self.method.load_state_dict(unwrap_state_dict(state["method"]))
             if self.ema is not None:
                 if state.get("ema") is None:
@@ -381,7 +390,8 @@ class Engine:
             self.log_count = int(state["log_count"])
             self.nonfinite = dict(state.get("nonfinite", {"in_a_row": 0, "total": 0}))
             self.elapsed_before = float(state["elapsed"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            # a damaged entry (an older checkpoint without a checksum): one line, exit 2
             first = first_line(exc, 200, kind=False)
             raise CheckpointError(f"{source}: does not match this run ({first})") from None
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import urllib.error
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -97,7 +98,9 @@ def _from_weights_file(path: Path, model: Classifier) -> dict[str, Tensor]:
     if not path.is_file():
         raise ConfigError(f"init.weights: {path} not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: one line
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (any unpickling error: report the file)
         first = first_line(exc, 160, kind=False)
         raise ConfigError(f"init.weights: {path} cannot be read safely ({first})") from None
@@ -181,6 +184,9 @@ def _timm_imagenet(name: str, model: Classifier) -> dict[str, Tensor]:
 
 def _load(model: Classifier, state: dict[str, Any], key: str) -> str:
     """Load `state` into `model`, keeping its head only when the shapes match."""
+    odd = next((k for k, v in state.items() if not isinstance(v, Tensor)), None)
+    if odd is not None:
+        raise ConfigError(f"{key}: the weights are not all tensors ({odd} is not)")
     ours = model.state_dict()
     # weights without a bottleneck (ImageNet's, a run without model.bottleneck) leave this
     # model's bottleneck new, and so its head: the head would read what the bottleneck makes
@@ -188,6 +194,8 @@ def _load(model: Classifier, state: dict[str, Any], key: str) -> str:
         k.startswith("bottleneck.") for k in state
     )
     head_w = state.get("head.weight")
+    if head_w is not None and head_w.dim() != 2:
+        raise ConfigError(f"{key}: head.weight has shape {tuple(head_w.shape)}, not [classes, dim]")
     kept = head_w is not None and head_w.shape == model.head.weight.shape and not new_neck
     # regularisers toward the source (l2sp, delta) treat a kept head like the features
     model.head_from_source = kept

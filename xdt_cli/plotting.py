@@ -131,9 +131,11 @@ def plot_runs(
         ncols=max(1, min(len(handles), fit)),
         frameon=False,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
+    except OSError as exc:  # a parent that is a file, a folder named like the image, ...
+        raise XdtError(f"--out: cannot write {out} ({exc.strerror or exc})") from None
     finally:
         plt.close(fig)
     return out

@@ -139,7 +139,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # json.dumps writes ASCII: the file is damaged
+        raise XdtError(f"{path}: not UTF-8 text (byte at offset {exc.start}); damaged") from None
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -201,7 +205,7 @@ class RunDir:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise CheckpointError(f"{path}: not found; is {self.path} an xdt run folder?") from None
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: unreadable ({exc})") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: expected a JSON object")

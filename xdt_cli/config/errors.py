@@ -61,13 +61,30 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return []
 
 
+def _items_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models held as the values of a dict or the items of a list that an
+    annotation may hold (`dict[str, TaskConfig]`, `list[TransformStep]`)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated or origin in (Union, types.UnionType):
+        args = typing.get_args(annotation)
+        return [m for arg in (args[:1] if origin is Annotated else args) for m in _items_in(arg)]
+    if origin in (dict, list):
+        return _models_in(typing.get_args(annotation)[-1])
+    return []
+
+
 def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
     """Follow a pydantic error location through the schema.
 
     Returns the dotted path without union tags, and the field names valid at its last level.
     """
     models, path = [root], []
+    items: list[type[BaseModel]] = []  # models behind a dict key or list index: next part
     for part in loc:
+        if items:  # a key of a dict (a task's name) or a list index: no field of its own
+            models, items = items, []
+            path.append(str(part))
+            continue
         tagged = [m for m in models if _tag_of(m) == part]
         if tagged:  # a discriminated-union tag, not a key the user wrote
             models = tagged
@@ -78,6 +95,7 @@ def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], list[
             field = model.model_fields.get(str(part))
             if field is not None:
                 nxt.extend(_models_in(field.annotation))
+                items.extend(_items_in(field.annotation))
         models = nxt
     return path, sorted({name for m in models for name in m.model_fields})
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from xdt_cli.config.errors import ConfigError, error_lines
+from xdt_cli.config.errors import ConfigError, error_lines, first_line
 from xdt_cli.config.schema import ExperimentConfig
 
 # What a full walk of a document may visit, aliases expanded: a config is a few hundred
@@ -141,7 +141,12 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before 3.13)
+        raise ConfigError(
+            f"{path}: cannot read config file ({first_line(exc, kind=False)})"
+        ) from None
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise ConfigError(f"{chain[-1]}: base: configs form a cycle: {cycle}")

@@ -147,6 +147,8 @@ class DomainFilesConfig(Strict):
 class DataConfig(Strict):
     split_seed: int = Field(
         0,
+        ge=0,
+        lt=2**63,
         strict=True,
         description="seed of the stratified splits: 70/15/15 train/val/test, or 85/15 "
         "train/val of a set's official training split (its official test split stays test)",
@@ -572,7 +574,9 @@ class TrackingConfig(Strict):
 
 class ExperimentConfig(Strict):
     name: str | None = Field(None, description="experiment name; default: the file's stem")
-    seed: int = Field(0, strict=True)
+    seed: int = Field(
+        0, ge=-(2**63), lt=2**63, strict=True, description="a 64-bit integer (torch's range)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

@@ -12,4 +12,5 @@ class Strict(BaseModel):
     float fields stay lax so that `1e-3`, which PyYAML reads as a string, is a float.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are refused for every float (an infinite lr would only fail in training)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

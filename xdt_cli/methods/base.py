@@ -82,9 +82,9 @@ class OptimizerStep:
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's hyper-parameters: unknown keys are errors."""
+    """Base of every method's hyper-parameters: unknown keys, inf and nan are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Method(nn.Module):
