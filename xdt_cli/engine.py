@@ -225,6 +225,9 @@ def lr_factor(cfg: ExperimentConfig) -> Callable[[int], float]:
     return factor
 
 
+NO_SKIPS = {"in_a_row": 0, "total": 0}  # Engine.nonfinite before any skipped step
+
+
 def _nonfinite_terms(values: dict[str, Tensor]) -> list[str]:
     """The names of the entries holding a NaN or an infinity, `loss` (their sum) last."""
     bad = [
@@ -301,7 +304,7 @@ class Engine:
         )
         # train.on_nonfinite skip: skipped steps in a row (the run stops at max_nonfinite)
         # and in all
-        self.nonfinite = {"in_a_row": 0, "total": 0}
+        self.nonfinite = dict(NO_SKIPS)
         # train.ema: the running average of the method's floating-point state
         self.ema: dict[str, Any] | None = None
         if cfg.train.ema is not None:
@@ -388,7 +391,7 @@ class Engine:
             self.bad_evals = int(state["bad_evals"])
             self.log_sums = {k: v.to(self.device) for k, v in self._saved_sums(state).items()}
             self.log_count = int(state["log_count"])
-            self.nonfinite = dict(state.get("nonfinite", {"in_a_row": 0, "total": 0}))
+            self.nonfinite = dict(state.get("nonfinite", NO_SKIPS))  # older: no such entry
             self.elapsed_before = float(state["elapsed"])
         except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
             # a damaged entry (an older checkpoint without a checksum): one line, exit 2
@@ -504,8 +507,7 @@ class Engine:
 
     def _any_nonfinite(self, loss: Tensor) -> bool:
         """The loss is NaN or infinite here, or (torchrun) on any rank; reads it (a sync)."""
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        return bad if self.runtime.world_size == 1 else distributed.any_(bad, self.device)
+        return distributed.any_(not bool(torch.isfinite(loss.detach()).all()), self.device)
 
     def _count_skipped(self, out: dict[str, Tensor]) -> None:
         """train.on_nonfinite skip: count the step (1-based number self.step + 1), say
@@ -589,11 +591,14 @@ class Engine:
 
     def _check_weights_finite(self) -> None:
         """No checkpoint holds a NaN: weights that became non-finite while the loss stayed
-        finite (it can happen) stop the run before anything is written."""
+        finite (it can happen) stop the run before anything is written. A collective
+        decision under torchrun: each rank's batch-norm statistics are its own until
+        `_align_ranks`, and every rank must stop together."""
         bad = _nonfinite_terms(self.method.state_dict())
-        if bad:
+        if distributed.any_(bool(bad), self.device):
+            where = bad[0] if bad else "on another rank"
             raise NonFiniteLoss(
-                f"the weights became non-finite by step {self.step} ({bad[0]}); last.pt "
+                f"the weights became non-finite by step {self.step} ({where}); last.pt "
                 "keeps the last good state (try a lower optim.lr or train.grad_clip)"
             )
 

@@ -319,7 +319,6 @@ class MultiTaskModel(nn.Module):
         else:
             raise ConfigError(f"model.arch: unknown architecture '{arch}' (hps or mmoe)")
         self.feature_dim = dim
-        self.bottleneck_width = bottleneck
         hidden = hidden or {}
         self.heads = nn.ModuleDict(
             {t: _head(dim, width, hidden.get(t, [])) for t, width in heads.items()}
