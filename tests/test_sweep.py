@@ -180,6 +180,71 @@ def test_interrupted_and_killed_runs_resume_to_the_same_metrics(tmp_path: Path) 
         assert rows == (runs / "ref" / run.name / "metrics.jsonl").read_text()
 
 
+# --------------------------------------------------------------------------- two calls at once
+def test_two_calls_of_one_sweep_share_the_runs_and_run_none_twice(tmp_path: Path) -> None:
+    """Two people start the same sweep at the same moment: every run is launched by exactly
+    one of them (its log holds one command), and both calls end with all runs completed."""
+    write_config(tmp_path / "tiny.yaml", TINY)
+    sweep = write_sweep(
+        tmp_path / "both.yaml", config="tiny.yaml", overrides=SHORT, seeds=[0, 1, 2, 3]
+    )
+    runs = tmp_path / "runs"
+    argv = [*XDT, "sweep", str(sweep), "--jobs", "1", "--runs-dir", str(runs), "--json"]
+    env = child_env(2)
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs
+    records = [json.loads(out) for out, _ in outs]
+    launched_by = {}
+    for record in records:
+        assert record["status"] == "completed", record
+        for entry in record["runs"]:
+            assert entry["status"] in ("completed", "skipped"), entry
+            if entry["exit_code"] is not None:  # this call launched it
+                assert entry["name"] not in launched_by, entry["name"]
+                launched_by[entry["name"]] = record
+    planned = plan(load_sweep(sweep), runs, validate=False).runs
+    assert sorted(launched_by) == sorted(r.name for r in planned)
+    for run in planned:
+        commands = [ln for ln in run.log_path.read_text().splitlines() if ln.startswith("$ xdt")]
+        assert len(commands) == 1, (run.name, commands)
+        assert "resumed" not in read_json(run.run_dir / "meta.json")
+        assert read_json(run.run_dir / "summary.json")["status"] == "completed"
+
+
+def test_a_held_run_waits_and_a_dead_holder_leaves_nothing_stuck(tmp_path: Path) -> None:
+    """A run whose folder lock another process holds (an `xdt resume` by hand) is not
+    launched until it is free; a holder that dies leaves the run to this call, which
+    resumes it."""
+    import fcntl
+    import threading
+
+    write_config(tmp_path / "tiny.yaml", TINY)
+    sweep = write_sweep(tmp_path / "held.yaml", config="tiny.yaml", overrides=SHORT)
+    runs = tmp_path / "runs"
+    first = cli("sweep", sweep, "--runs-dir", runs)
+    assert first.exit_code == 0, first.stderr
+    (run,) = plan(load_sweep(sweep), runs, validate=False).runs
+    (run.run_dir / "summary.json").unlink()  # as if killed before its end: to resume
+    with (run.run_dir / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        released = threading.Timer(2.0, held.close)  # the holder dies 2 s from now
+        released.start()
+        started = time.monotonic()
+        result = cli("sweep", sweep, "--runs-dir", runs, "--json")
+        waited = time.monotonic() - started
+        released.join()
+    assert result.exit_code == 0, result.stderr
+    assert waited >= 2.0  # it did not launch the run while the lock was held
+    assert f"waiting: {run.name} is being run by another process" in result.stderr
+    (entry,) = json.loads(result.stdout)["runs"]
+    assert (entry["action"], entry["status"], entry["exit_code"]) == ("resume", "completed", 0)
+    assert "another xdt process" not in run.log_path.read_text()
+
+
 # --------------------------------------------------------------------------- failures, dry run
 def test_failed_runs_dry_run_commands_and_no_rerun(tmp_path: Path) -> None:
     write_config(tmp_path / "tiny.yaml", TINY)

@@ -141,6 +141,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     rows = []
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:  # deleted since (xdt run --overwrite): a run no more
+        return []
     except UnicodeDecodeError as exc:  # json.dumps writes ASCII: the file is damaged
         raise XdtError(f"{path}: not UTF-8 text (byte at offset {exc.start}); damaged") from None
     for line in text.splitlines():

@@ -46,6 +46,16 @@ Every run is exactly the command that `xdt sweep --dry-run` prints:
 killed. Calling the sweep again skips completed runs, resumes unfinished ones and leaves
 failed ones alone (they are reported; delete the folder to run one again).
 
+Two calls of the same sweep at once (two people, two shells) share the work and never run
+one run twice. Before it launches a run, a call takes `<sweep>/.claims/<name>.lock` (an
+exclusive, non-blocking `flock`) and holds it until the run's process ends, then looks at
+the run folder again: another call may have finished it meanwhile. A run whose claim (or
+whose own `<run>/.lock`, held by an `xdt resume` started by hand) is taken waits at the back
+of the queue and is tried again each second; when it is free the call finds the run
+completed (and says so) or, if its holder was killed, resumes it. The kernel drops a lock
+when its holder dies, so a killed call never leaves a run stuck. Claims are local `flock`s:
+calls on one machine, or on a file system whose locks span machines.
+
 `load_sweep` reads a sweep file, `plan` expands it and validates every run's config
 in-process before anything starts, `run_sweep` runs the plan N processes at a time and
 writes `<runs-dir>/<name>/sweep.json`; launchers.py submits the same plan to Slurm instead.
@@ -54,6 +64,7 @@ writes `<runs-dir>/<name>/sweep.json`; launchers.py submits the same plan to Slu
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -68,7 +79,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -784,7 +795,10 @@ def run_sweep(p: Plan, *, jobs: int = 1, reporter: SweepReporter | None = None) 
     tracking = _tracking_env(p, list(todo))
     env.update(tracking)
     stop = _Stop()
-    running: dict[subprocess.Popen, tuple[PlannedRun, float]] = {}
+    running: dict[subprocess.Popen, tuple[PlannedRun, float, IO[str]]] = {}
+    waiting: deque[PlannedRun] = deque()  # runs that another process holds (module docstring)
+    announced: set[str] = set()
+    next_retry = 0.0
     done = 0
     if total:
         (p.sweep_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -792,7 +806,7 @@ def run_sweep(p: Plan, *, jobs: int = 1, reporter: SweepReporter | None = None) 
     try:
         with _catch_signals(stop):
             terminated = killed = False
-            while (todo and stop.signum is None) or running:
+            while ((todo or waiting) and stop.signum is None) or running:
                 if stop.signum is not None and not terminated:
                     terminated = True
                     reporter.message("stopping: each running run saves last.pt ...")
@@ -802,22 +816,41 @@ def run_sweep(p: Plan, *, jobs: int = 1, reporter: SweepReporter | None = None) 
                     killed = True
                     for proc in running:
                         proc.kill()
+                if waiting and not todo and time.monotonic() >= next_retry:
+                    todo.extend(waiting)  # free now? (a claim is dropped when its holder ends)
+                    waiting.clear()
+                    next_retry = time.monotonic() + CLAIM_RETRY_S
                 while todo and len(running) < width and stop.signum is None:
                     run = todo.popleft()
-                    running[_launch(run, env)] = (run, time.monotonic())
+                    entry = entries[run.name]
+                    held = claim(p.sweep_dir, run)
+                    if held is None:
+                        if run.name not in announced:
+                            announced.add(run.name)
+                            reporter.message(f"waiting: {run.name} is being run by another process")
+                        waiting.append(run)
+                        continue
+                    if not _recheck(p, run, entry):  # another call finished it meanwhile
+                        held.close()
+                        done += 1
+                        reporter.finished(done, total, entry, 0.0)
+                        continue
+                    running[_launch(run, env)] = (run, time.monotonic(), held)
                 for proc in [proc for proc in running if proc.poll() is not None]:
-                    run, started = running.pop(proc)
+                    run, started, held = running.pop(proc)
+                    held.close()
                     done += 1
                     entry = entries[run.name]
                     _finish(entry, run, proc.returncode, stop.signum is not None)
                     reporter.finished(done, total, entry, time.monotonic() - started)
                 reporter.running(len(running))
-                if running:
+                if running or waiting:
                     time.sleep(0.05)
     finally:
         reporter.stop()
-        for proc in running:  # only after an unexpected error here: leave no orphans
-            proc.kill()
+        for proc, (_, _, held) in running.items():  # only after an unexpected error here
+            proc.kill()  # leave no orphans
+            held.close()
     result = _result(p, jobs, width, env, list(entries.values()), stop.signum)
     p.sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(p.sweep_dir / "sweep.json", json.dumps(result, indent=2) + "\n")
@@ -826,6 +859,59 @@ def run_sweep(p: Plan, *, jobs: int = 1, reporter: SweepReporter | None = None) 
 
         finish_sweep_parent(p.sweep_dir, result["status"])
     return result
+
+
+CLAIMS = ".claims"  # <sweep>/.claims/<run name>.lock: who is running which run
+CLAIM_RETRY_S = 1.0  # how often a call tries again the runs that another process holds
+
+
+def claim(sweep_dir: Path, run: PlannedRun) -> IO[str] | None:
+    """Take the run's claim for this process (see the module docstring): the open, locked
+    file, to close when the run's process has ended; None when another process holds the
+    claim or the run folder's own lock."""
+    path = sweep_dir / CLAIMS / f"{run.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    held = open(path, "w")  # noqa: SIM115  (held until the run ends; not inherited by it)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.close()
+        return None
+    if _run_locked(run.run_dir):
+        held.close()
+        return None
+    return held
+
+
+def _run_locked(run_dir: Path) -> bool:
+    """Whether a process holds `<run>/.lock` (runs.RunDir.lock) now."""
+    try:
+        fh = open(run_dir / ".lock")  # noqa: SIM115
+    except OSError:  # no lock file: nobody has trained this run yet
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+def _recheck(p: Plan, run: PlannedRun, entry: dict[str, Any]) -> bool:
+    """With the claim held, look at the run folder again: the plan may be stale when another
+    call of the sweep ran the run meanwhile. Whether the run still needs a process; if not,
+    its entry records what the other call left."""
+    action, found = on_disk(run.run_dir)
+    if action == "skip":
+        entry["status"] = "completed" if found == "completed" else "failed"
+        entry["note"] = f"{found} by another process while this call waited"
+        _add_summary(entry, _read_json(run.run_dir / "summary.json"))
+        return False
+    if action != run.action:
+        run.action, run.found = action, found
+        run.argv = _argv(p.sweep, p.sweep_dir, run)
+        entry["action"] = action
+    return True
 
 
 def _tracking_env(p: Plan, todo: list[PlannedRun]) -> dict[str, str]:
