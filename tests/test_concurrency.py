@@ -1,6 +1,10 @@
-"""`xdt report` and `xdt plot` in a loop while a sweep writes its runs (issue 19, point 5):
-they never crash, and a report counts exactly the runs whose summary said "completed" when
-it read them, never a run still writing its metrics."""
+"""Several xdt processes at once on one runs folder (two calls of one sweep: test_sweep.py).
+
+- Two runs started at the same moment with the same `--name`: one creates the folder, the
+  other exits 2 naming it, and nothing of the loser lands in the winner's folder.
+- `xdt report` and `xdt plot` in a loop while a sweep writes its runs never crash, and a
+  report counts exactly the runs whose summary said "completed" when it read them, never a
+  run still writing its metrics."""
 
 from __future__ import annotations
 
@@ -68,3 +72,27 @@ def test_report_and_plot_in_a_loop_while_a_sweep_writes(tmp_path: Path) -> None:
         proc.kill() if proc.poll() is None else None
     assert proc.wait() == 0, proc.stderr.read()
     assert max(seen_counts) == len(run_dirs) and len(seen_counts) >= 2, seen_counts
+
+
+def test_two_runs_with_one_name_started_at_once(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "tiny.yaml", TINY)
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "-m", "xdt_cli", "train-source", str(config), "train.steps=20"]
+    argv += ["--runs-dir", str(runs), "--name", "same", "--quiet"]
+    procs = [
+        subprocess.Popen(argv, env=child_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    codes = sorted(proc.returncode for proc in procs)
+    assert codes == [0, 2], outs
+    loser = next(err for (_, err), p in zip(outs, procs, strict=True) if p.returncode == 2)
+    lines = loser.decode().strip().splitlines()
+    assert len(lines) == 1 and str(runs / "same") in lines[0] and "already exists" in lines[0]
+    meta = json.loads((runs / "same" / "meta.json").read_text())
+    assert "resumed" not in meta
+    summary = json.loads((runs / "same" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 20
+    rows = (runs / "same" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(row)["step"] for row in rows]
+    assert steps == sorted(steps) and len(steps) == len(set(map(str, rows)))
