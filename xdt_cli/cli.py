@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 
 from xdt_cli import __version__
 from xdt_cli.config import SUBCOMMANDS, did_you_mean, first_line
-from xdt_cli.errors import RunInterrupted, XdtError
+from xdt_cli.errors import RunInterrupted, WriteFailed, XdtError
 
 # click's ClickException (usage errors, bad options) is the base of typer.BadParameter;
 # found this way so the code works with the click that typer vendors or depends on.
@@ -117,6 +117,11 @@ def _guard(debug: bool, body: Callable[[], int]) -> None:
     except KeyboardInterrupt:
         _err("interrupted")
         raise typer.Exit(130) from None
+    except WriteFailed as exc:  # a runtime failure whose message says what to do
+        if debug:
+            traceback.print_exc()
+        _err(f"error: {exc}")
+        raise typer.Exit(1) from None
     except Exception as exc:  # a runtime failure: a message and a hint, no traceback
         if debug:
             traceback.print_exc()

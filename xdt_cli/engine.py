@@ -641,7 +641,8 @@ class Engine:
                 self.bad_evals = 0
                 if self.run is not None:  # the weights evaluated: the average under ema
                     state = {"step": self.step, "method": self.method.state_dict()}
-                    save_checkpoint(self.run.best_ckpt, {**state, "metrics": metrics})
+                    with self.run.writing():
+                        save_checkpoint(self.run.best_ckpt, {**state, "metrics": metrics})
             else:
                 self.bad_evals += 1
         self._record({"step": self.step, "split": "eval", **metrics})
@@ -667,7 +668,9 @@ class Engine:
             local = {k: v.detach().cpu() for k, v in self.log_sums.items()}
             sums = distributed.gather_objects(local)
         if self.run is not None:
-            save_checkpoint(self.run.last_ckpt, self.state_dict(elapsed, sums), keep_previous=True)
+            with self.run.writing():
+                state = self.state_dict(elapsed, sums)
+                save_checkpoint(self.run.last_ckpt, state, keep_previous=True)
 
     def _record(self, row: dict[str, Any]) -> None:
         """A metrics.jsonl row (rank 0), mirrored to the trackers (tracking/)."""

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from xdt_cli.config.errors import ConfigError, XdtError  # the ground floor defines them
 
-__all__ = ["CheckpointError", "ConfigError", "NonFiniteLoss", "RunInterrupted", "XdtError"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "NonFiniteLoss",
+    "RunInterrupted",
+    "WriteFailed",
+    "XdtError",
+]
 
 
 class CheckpointError(XdtError):
@@ -31,3 +38,11 @@ class RunInterrupted(Exception):
 
 class NonFiniteLoss(Exception):
     """The training loss became NaN or infinite; the run stops with status "failed"."""
+
+
+class WriteFailed(Exception):
+    """A file of a run folder could not be written (a full disk, a quota, an I/O error).
+
+    A runtime failure (exit 1), not a bad input: the run stops without a summary.json, its
+    last complete checkpoint and its metrics.jsonl as they were, so `xdt resume` continues
+    it once the cause is fixed. The message names the folder and its free space."""

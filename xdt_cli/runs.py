@@ -11,10 +11,16 @@
 A folder is claimed with `os.mkdir`, which fails if it exists, so two processes never share
 one. A run holds an exclusive lock on `<run>/.lock` while it trains, so `xdt resume` cannot
 race a run that is still going.
+
+A write that fails (a full disk, a quota, an I/O error) inside `RunDir.writing()` becomes a
+`WriteFailed` naming the folder and its free space: the file being written is left as it
+was (JSON files and checkpoints are replaced atomically; a metrics row that was cut short
+is cut off again), so the run stops with its last checkpoint intact and resumes exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -22,12 +28,13 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from xdt_cli import __version__
-from xdt_cli.errors import CheckpointError, XdtError
+from xdt_cli.errors import CheckpointError, WriteFailed, XdtError
 from xdt_cli.files import atomic_write_text
 
 
@@ -123,6 +130,30 @@ def make_meta(subcommand: str, device: str, precision: str, argv: list[str]) -> 
     }
 
 
+def write_failed(folder: Path, exc: OSError) -> WriteFailed:
+    """The error for a failed write into `folder`: what failed, and the free space left."""
+    try:
+        free = f"{format_bytes(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = "free space unknown"
+    what = exc.strerror or type(exc).__name__
+    name = f" {exc.filename}" if exc.filename else ""
+    return WriteFailed(
+        f"cannot write{name} into {folder}: {what} ({free} on its file system); the run "
+        f"stopped and keeps its last complete checkpoint: make room, then xdt resume {folder}"
+    )
+
+
+def format_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError  # unreachable
+
+
 def _clean(value: Any) -> Any:
     """JSON has no NaN or infinity: write them as null (also inside dicts and lists)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -200,7 +231,17 @@ class RunDir:
             self._lock_fh = None
 
     def write_json(self, path: Path, data: dict[str, Any]) -> None:
-        atomic_write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
+        with self.writing():
+            atomic_write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False) + "\n")
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Turn an OSError raised inside into a WriteFailed that names this folder, its free
+        space and how to continue (module docstring)."""
+        try:
+            yield
+        except OSError as exc:
+            raise write_failed(self.path, exc) from exc
 
     def read_json(self, path: Path) -> dict[str, Any]:
         try:
@@ -214,8 +255,18 @@ class RunDir:
         return data
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with self.metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_clean(row), allow_nan=False) + "\n")
+        """Append one row; a row that fails half-way is cut off again, so the file keeps
+        only whole rows."""
+        line = (json.dumps(_clean(row), allow_nan=False) + "\n").encode("utf-8")
+        with self.writing(), self.metrics_path.open("ab") as fh:
+            end = fh.seek(0, os.SEEK_END)
+            try:
+                fh.write(line)
+                fh.flush()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    fh.truncate(end)
+                raise
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.metrics_path)
