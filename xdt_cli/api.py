@@ -164,6 +164,9 @@ def resume_run(
         # fix it and retry in this process); _fit releases it when training ends
         # last.prev.pt alone: a crash between the two renames of a save (checkpoint.py)
         resuming = run.last_ckpt.exists() or previous_path(run.last_ckpt).exists()
+        if runtime.is_main:  # temporary files of writes a kill cut short (files.py)
+            for stale in [*run.path.glob(".*.tmp"), *run.path.glob("checkpoints/.*.tmp")]:
+                stale.unlink(missing_ok=True)
         single_task_path = run.path / SINGLE_TASK_FILE
         single_task = run.read_json(single_task_path) if single_task_path.is_file() else None
         experiment = build_experiment(

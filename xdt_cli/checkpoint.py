@@ -30,6 +30,7 @@ import torch
 
 from xdt_cli.config import first_line
 from xdt_cli.errors import CheckpointError
+from xdt_cli.faults import fault_point
 from xdt_cli.files import atomic_write_bytes
 
 FORMAT = 1
@@ -47,6 +48,7 @@ def save_checkpoint(path: Path, state: dict[str, Any], *, keep_previous: bool = 
     def keep() -> None:
         if path.exists():
             os.replace(path, previous_path(path))
+            fault_point("checkpoint.renamed")
 
     before = keep if keep_previous else None
     atomic_write_bytes(path, lambda fh: torch.save(payload, fh), before_replace=before)

@@ -27,6 +27,7 @@ from torch import Tensor
 from xdt_cli import distributed
 from xdt_cli.data import FileSplit, Split
 from xdt_cli.data.tasks import EVAL_SPLITS
+from xdt_cli.faults import fault_point
 from xdt_cli.methods.base import Method
 
 
@@ -72,6 +73,7 @@ def evaluate(
                 )
                 for metric, value in scores.items():
                     metrics[f"{domain}/{split_name}/{metric}"] = value
+                fault_point("evaluate")
     finally:
         method.train(was_training)
     return metrics
@@ -114,6 +116,7 @@ def evaluate_tasks(
                     n = max(count, 1.0)
                     metrics[f"{task}/{split_name}/{names[0]}"] = first / n
                     metrics[f"{task}/{split_name}/{names[1]}"] = second / n
+                fault_point("evaluate")
     finally:
         method.train(was_training)
     return metrics

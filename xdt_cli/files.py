@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from xdt_cli.faults import fault_point
+
 
 def atomic_write_bytes(
     path: Path,
@@ -28,6 +30,8 @@ def atomic_write_bytes(
         with os.fdopen(fd, "wb") as fh:
             writer(fh)
             fh.flush()
+            if path.suffix == ".pt":
+                fault_point("checkpoint.partial")
             os.fsync(fh.fileno())
         if before_replace is not None:
             before_replace()

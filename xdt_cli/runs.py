@@ -35,6 +35,7 @@ from typing import Any
 
 from xdt_cli import __version__
 from xdt_cli.errors import CheckpointError, WriteFailed, XdtError
+from xdt_cli.faults import armed, fault_point
 from xdt_cli.files import atomic_write_text
 
 
@@ -261,7 +262,12 @@ class RunDir:
         with self.writing(), self.metrics_path.open("ab") as fh:
             end = fh.seek(0, os.SEEK_END)
             try:
-                fh.write(line)
+                half = len(line) // 2 if armed("metrics.append") else 0
+                if half:  # the kill matrix (faults.py): the row's first half, then a kill
+                    fh.write(line[:half])
+                    fh.flush()
+                    fault_point("metrics.append")
+                fh.write(line[half:])
                 fh.flush()
             except OSError:
                 with contextlib.suppress(OSError):
