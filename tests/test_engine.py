@@ -392,3 +392,31 @@ def test_on_nonfinite_skip_stops_after_max_nonfinite_in_a_row(
     )
     last = load_checkpoint(tmp_path / "runs" / "stop" / "checkpoints" / "last.pt")
     assert last["step"] == 20 and last["nonfinite"] == {"in_a_row": 0, "total": 0}
+
+
+def test_weights_that_turn_non_finite_under_a_finite_loss_are_never_saved(
+    tiny_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A weight becomes NaN at step 25 while every loss stays finite (e.g. a batch-norm
+    statistic or an optimizer step that overflowed): the evaluation at step 30 refuses to
+    save it, names the parameter, and last.pt keeps step 20's finite weights."""
+    original = Engine._accumulate
+
+    def corrupt_after(self, out):  # after step 25's update
+        original(self, out)
+        if self.step == 25:  # a running statistic: training normalises with the batch's own
+            model = self.method.model
+            norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            norm.running_var[0] = float("nan")
+
+    monkeypatch.setattr(Engine, "_accumulate", corrupt_after)
+    overrides = ["train.eval_every=10", "model.backbone=cnn"]
+    summary = run(tiny_config, "nanw", tmp_path / "runs", overrides)
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("the weights became non-finite by step 30 ("), summary
+    assert "running_var" in summary["error"]
+    last = load_checkpoint(tmp_path / "runs" / "nanw" / "checkpoints" / "last.pt")
+    assert last["step"] == 20
+    assert all(torch.isfinite(v).all() for v in last["method"].values() if v.is_floating_point())
+    best = load_checkpoint(tmp_path / "runs" / "nanw" / "checkpoints" / "best.pt")
+    assert best["step"] <= 20
