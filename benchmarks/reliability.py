@@ -22,7 +22,9 @@ transfer start from a source run trained once beforehand (`init.from_run`).
    on the reference's PYTHONPATH counts the calls; it changes nothing else).
 2. Kill points. `--kills` of them (5 per kind by default), drawn from `random.Random` seeded
    by `--seed` and the kind's name. A kill point is either a timer (SIGKILL at a uniform
-   moment within the reference's wall time) or a fault point: `XDT_FAULT=NAME:N` with N
+   moment within the reference's wall time; when a timed run ends before its moment, its
+   duration becomes the wall time of the kind's later timers, since a busy machine can
+   make the reference slow) or a fault point: `XDT_FAULT=NAME:N` with N
    uniform over the calls the reference made, so the process kills itself half-way through
    a checkpoint's temporary file (checkpoint.partial), between the two renames of last.pt
    (checkpoint.renamed), between two evaluated splits (evaluate) or half-way through a
@@ -54,10 +56,11 @@ its runs that environment itself.
 Then the fault scenarios (each with its own checks, see `fault_scenarios`): SIGTERM mid-run,
 an injected ENOSPC half-way through a checkpoint, an injected EIO half-way through a metrics
 row, a real full file system (a tmpfs, where mounting is allowed: root on Linux), a
-damaged last.pt (resume falls back to last.prev.pt and says so) and both checkpoints damaged
-(refused with one line). Last, the corpus of bad inputs (tests/bad_inputs/, run by
-tests/bad_input_corpus.py): each case must exit as its file says, with one `error:` line
-naming the culprit.
+damaged last.pt (resume falls back to last.prev.pt and says so), both checkpoints damaged
+(refused with one line), and a sweep killed while its last run trains alone (the sweep
+called again then has fewer runs left than --jobs). Last, the corpus of bad inputs
+(tests/bad_inputs/, run by tests/bad_input_corpus.py): each case must exit as its file says,
+with one `error:` line naming the culprit.
 
 Output: a progress line per kill point on stderr, `<work>/results.json` (everything), and the
 markdown report (`--out`, default docs/RELIABILITY.md). Exit 0 only if every kill point left
@@ -244,7 +247,7 @@ def make_kinds(work: Path, source: Path | None) -> dict[str, Kind]:
     }
     init = f"init.from_run={source}"
     warmup = "schedule.warmup_steps=5"  # the quick start's 50 would exceed the 40 steps
-    sweep_file = work / "sweep" / "sweep.yaml"
+    sweep_file = work / "_sweep" / "sweep.yaml"
     return {
         k.name: k
         for k in [
@@ -745,7 +748,7 @@ class KillPoint:
     def how(self) -> str:
         if self.mechanism == "timer":
             mode = ", sweep process only" if self.mode == "sweep only" else ""
-            return f"timer at {self.moment_s:.1f} s{mode}"
+            return f"timer at {self.moment_s:.1f} s ({self.fraction:.2f}){mode}"
         return f"{FAULT_ENV}={self.mechanism}:{self.nth}"
 
 
@@ -757,7 +760,8 @@ def plan_kills(
     g = 0
     for name in kinds:
         rng = random.Random(f"{seed}/{name}")
-        for i in range(per_kind[name]):
+        timers = 0
+        for _ in range(per_kind[name]):
             mechanism = CYCLE[(g + seed) % len(CYCLE)]
             g += 1
             ref = refs.get(name)
@@ -767,9 +771,9 @@ def plan_kills(
                 point.mechanism = mechanism = "timer"  # never reached by this kind
             if mechanism == "timer":
                 point.fraction = round(fraction, 4)
-                point.moment_s = round(fraction * ref.wall_s, 2) if ref else None
-                if name == "sweep" and i % 2 == 1:
+                if name == "sweep" and timers % 2 == 1:  # every other timer of the sweep
                     point.mode = "sweep only"
+                timers += 1
             else:
                 point.nth = 1 + int(nth_draw * ref.counts[mechanism]) if ref else None
             plan.append(point)
@@ -789,11 +793,15 @@ def try_kill_point(
     root.mkdir(parents=True)
     argv = launch(kind, start_args(kind, root))
     if point.mechanism == "timer":
+        assert point.fraction is not None
+        point.moment_s = round(point.fraction * ref.wall_s, 2)
+        launched = time.monotonic()
         proc = start(argv, environment(), log_path)
-        assert point.moment_s is not None
         try:
             point.exit_code = proc.wait(timeout=point.moment_s)
             point.killed = False
+            if point.exit_code == 0:  # a faster uninterrupted run: the later timers use it
+                ref.wall_s = round(time.monotonic() - launched, 2)
         except subprocess.TimeoutExpired:
             if point.mode == "sweep only":
                 with contextlib.suppress(ProcessLookupError):
@@ -812,8 +820,10 @@ def try_kill_point(
     if point.killed:
         point.state = where_it_landed(root)
         point.landed = point.state if point.state.startswith("before") else "mid-run"
-        if kind.style == "sweep" and point.mode == "sweep only":
-            point.landed = "mid-run"  # its runs go on without it
+        runs = {str(p.relative_to(root)) for p in find_run_dirs(root)}
+        finished = resume_step(kind, root) is None or kind.style == "sweep"
+        if runs == set(ref.runs) and all_completed(root) and finished:
+            point.landed = "after the end"  # every run had written its summary.json
     else:
         point.landed = "after the end"
         point.state = "ended before the kill" if point.mechanism == "timer" else "fault not reached"
@@ -858,14 +868,27 @@ class Scenario:
 
 
 def fault_scenarios(
+    kinds: dict[str, Kind], refs: dict[str, Reference], work: Path, seed: int, timeout: float
+) -> list[Scenario]:
+    """The faults beyond the kill matrix, each compared with its kind's reference: on the
+    train-source kind SIGTERM, injected write errors, a full file system and damaged
+    checkpoints; on the sweep, a kill while its last run trains alone."""
+    scenarios = []
+    if "train-source" in refs:
+        scenarios += _train_source_faults(
+            kinds["train-source"], refs["train-source"], work, seed, timeout
+        )
+    if "sweep" in refs:
+        scenarios.append(_sweep_last_run(kinds["sweep"], refs["sweep"], work, timeout))
+    return scenarios
+
+
+def _train_source_faults(
     kind: Kind, ref: Reference, work: Path, seed: int, timeout: float
 ) -> list[Scenario]:
-    """The faults beyond SIGKILL, each on the train-source kind and compared with its
-    reference: SIGTERM, injected write errors, a full file system, damaged checkpoints."""
     rng = random.Random(f"{seed}/faults")
-    ref_run = Path(ref.root) / RUN
-    rows = read_metrics(ref_run / "metrics.jsonl")
-    scenarios = [
+    rows = read_metrics(Path(ref.root) / RUN / "metrics.jsonl")
+    return [
         _sigterm(kind, ref, work, timeout),
         _injected(
             kind,
@@ -879,7 +902,6 @@ def fault_scenarios(
         _full_disk(kind, ref, work, timeout),
         *_damaged(kind, ref, work, timeout),
     ]
-    return scenarios
 
 
 def _scenario_root(work: Path, name: str) -> Path:
@@ -984,7 +1006,7 @@ def _injected(
     if mode == "checkpoint":
         s = Scenario(
             f"ENOSPC in checkpoint write {nth}",
-            f"OSError(ENOSPC) after half of the {nth}th checkpoint file is written",
+            f"OSError(ENOSPC) after half of checkpoint file {nth} (of the run) is written",
             "exit 1, one 'error: cannot write ... No space left on device' line naming the run "
             "and `xdt resume`; the last complete checkpoint kept; resume exact",
         )
@@ -992,7 +1014,7 @@ def _injected(
     else:
         s = Scenario(
             f"EIO in metrics row {nth}",
-            f"OSError(EIO) after half of the {nth}th metrics.jsonl row is written",
+            f"OSError(EIO) after half of metrics.jsonl row {nth} is written",
             "exit 1, one 'error: cannot write ... Input/output error' line; the half row cut "
             "off again; resume exact",
         )
@@ -1155,6 +1177,55 @@ def _damaged(kind: Kind, ref: Reference, work: Path, timeout: float) -> list[Sce
     return [one, both]
 
 
+def _sweep_last_run(kind: Kind, ref: Reference, work: Path, timeout: float) -> Scenario:
+    """The sweep's whole tree killed while its third run trains alone (the first two done),
+    then the sweep called again: the one run it resumes must end as in the reference."""
+    s = Scenario(
+        "sweep killed during its last run",
+        "SIGKILL of the sweep's whole tree once two of its three runs are done and the third "
+        "has saved last.pt (the sweep again then has one run left of --jobs 2)",
+        "the sweep again exits 0 and every run ends exactly as in the uninterrupted sweep",
+    )
+    began = time.monotonic()
+    root = _scenario_root(work, "sweep-last-run")
+    sweep = root / "sweep"
+    proc = start(launch(kind, start_args(kind, root)), environment(), root.parent / "sweep.log")
+    deadline = time.monotonic() + timeout
+
+    def alone() -> bool:  # two runs done, the third with a last.pt and no summary yet
+        done = [r for r in sweep.glob("*/summary.json") if _status(r) == "completed"]
+        last = [
+            r
+            for r in sweep.glob("*/checkpoints/last.pt")
+            if not (r.parents[1] / "summary.json").exists()
+        ]
+        return len(done) == 2 and len(last) == 1
+
+    while proc.poll() is None and time.monotonic() < deadline and not alone():
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        s.outcome = "skipped: the sweep ended before its last run could be caught alone"
+        LIVE.discard(proc)
+        return s
+    kill_tree(proc.pid)
+    proc.wait()
+    LIVE.discard(proc)
+    s.outcome = f"killed: {where_it_landed(root)}"
+    s.problems.extend(check_readable(root, timeout))
+    code = run_logged(
+        launch(kind, start_args(kind, root)), environment(), root.parent / "sweep.log", timeout
+    )
+    if code != 0:
+        s.problems.append(f"the sweep again exited {code}: {tail(root.parent / 'sweep.log', 5)}")
+    else:
+        threads = json.loads((sweep / "sweep.json").read_text(encoding="utf-8"))["threads_per_run"]
+        s.outcome += f"; the sweep again ran it at {threads} thread(s)"
+        s.problems.extend(compare_runs(Path(ref.root), root))
+    s.survived = not s.problems
+    s.seconds = round(time.monotonic() - began, 1)
+    return s
+
+
 # --------------------------------------------------------------------------- bad inputs
 def bad_inputs(work: Path) -> dict[str, Any]:
     """The project's corpus (tests/bad_inputs/), every case in-process as its test runs it."""
@@ -1314,7 +1385,8 @@ def _faults_table(results: dict[str, Any], kills: list[KillPoint]) -> list[str]:
         )
     lines += [
         "",
-        "Other faults (on the `train-source` kind, compared with its reference):",
+        "Other faults (on the `train-source` kind, the last on the `sweep`; each run compared "
+        "with the reference of its kind):",
         "",
         "| fault | injected | expected | outcome | survived |",
         "| --- | --- | --- | --- | --- |",
@@ -1322,6 +1394,7 @@ def _faults_table(results: dict[str, Any], kills: list[KillPoint]) -> list[str]:
     for s in results.get("faults") or []:
         survived = "skipped" if s["survived"] is None else _yes(s["survived"])
         outcome = s["outcome"].replace("|", "\\|").replace("\n", " ")
+        outcome = outcome if len(outcome) <= 200 else outcome[:197] + "..."
         lines.append(
             f"| {s['name']} | {s['injected']} | {s['expected']} | {outcome} | {survived} |"
         )
@@ -1337,13 +1410,25 @@ def _bad_inputs_section(corpus: dict[str, Any] | None) -> list[str]:
     exit2 = [c for c in cases if c["expected_exit"] == 2]
     good2 = [c for c in exit2 if c["ok"]]
     other = [c for c in cases if c["expected_exit"] != 2]
-    lines = [
+    known = [c for c in cases if c["known_bug"]]
+    text = (
         f"The project's corpus, tests/bad_inputs/ (run by tests/bad_input_corpus.py, each case "
-        f"in-process in a fresh folder): {len(cases)} cases in {corpus['seconds']:.0f} s. "
-        f"{len(good2)} of the {len(exit2)} cases that expect exit 2 gave exit 2 with exactly one "
-        "`error:` line naming the culprit, nothing on stdout and no traceback; "
-        f"{sum(c['ok'] for c in other)} of the {len(other)} cases that expect another exit "
-        "code gave it with the same one-line message.",
+        f"in-process in a fresh folder, as tests/test_bad_inputs.py runs it): {len(cases)} cases "
+        f"over {len({c['subcommand'] for c in cases})} subcommands, the training commands and "
+        f"the tools that read runs (report, plot, evaluate, benchmark, ...), in "
+        f"{corpus['seconds']:.0f} s. {len(good2)} of the {len(exit2)} cases that expect exit 2 "
+        "gave exit 2 with exactly one `error:` line naming the culprit, nothing on stdout and "
+        "no traceback."
+    )
+    if other:
+        text += (
+            f" {sum(c['ok'] for c in other)} of the {len(other)} cases that expect another exit "
+            "code gave it with the same one-line message."
+        )
+    if known:
+        text += f" {len(known)} case(s) are marked as known bugs (strict xfails in the tests)."
+    lines = [
+        text,
         "",
         "| subcommand | cases | kept the contract | did not |",
         "| --- | --- | --- | --- |",
@@ -1484,7 +1569,7 @@ def main(argv: list[str] | None = None) -> int:
     if {"finetune", "transfer"} & set(names):
         source = source_run(work, args.reuse_references, args.timeout)
     kinds = make_kinds(work, source)
-    write_sweep_file(work / "sweep" / "sweep.yaml")
+    write_sweep_file(work / "_sweep" / "sweep.yaml")
     refs: dict[str, Reference] = {}
     total = sum(per_kind.values())
     try:
@@ -1507,10 +1592,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try_kill_point(point, kinds[point.kind], refs[point.kind], work, args.timeout)
             results["kills"].append(asdict(point))
+            results["kinds"][point.kind]["timer_base_s"] = refs[point.kind].wall_s
             verdict = "ok" if point.ok else "FAILED"
             log(
                 f"[{point.index:2d}/{total}] {point.kind:13s} {point.how():32s} "
-                f"-> {point.state[:60]}; "
+                f"-> {point.state}; "
                 f"{point.resumed_by}; exact {_yes(point.exact)}, readable {_yes(point.readable)} "
                 f"({point.seconds:.0f} s) {verdict}"
             )
@@ -1528,11 +1614,9 @@ def main(argv: list[str] | None = None) -> int:
             elif not args.keep:
                 shutil.rmtree(work / point.kind / f"kill{point.index:02d}", ignore_errors=True)
             save()
-        if not args.no_faults and "train-source" in refs:
+        if not args.no_faults and {"train-source", "sweep"} & set(refs):
             log("fault scenarios ...")
-            scenarios = fault_scenarios(
-                kinds["train-source"], refs["train-source"], work, args.seed, args.timeout
-            )
+            scenarios = fault_scenarios(kinds, refs, work, args.seed, args.timeout)
             results["faults"] = [asdict(s) for s in scenarios]
             for s in scenarios:
                 state = (
@@ -1541,7 +1625,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"  {s.name}: {s.outcome} -> {state} {'; '.join(s.problems)}")
         elif not args.no_faults:
             results["faults"] = []
-            log("fault scenarios: need the train-source kind; not run")
+            log("fault scenarios: need the train-source or sweep kind; not run")
         if not args.no_bad_inputs:
             log("bad inputs ...")
             results["bad_inputs"] = bad_inputs(work)
