@@ -117,7 +117,13 @@ def test_config_is_the_ground_floor() -> None:
 # Each module's floor, lowest first; a module may import its own floor and those below.
 LAYERS: list[tuple[str, ...]] = [
     ("xdt_cli.config",),
-    ("xdt_cli.errors", "xdt_cli.registry", "xdt_cli.files", "xdt_cli.distributed"),
+    (
+        "xdt_cli.errors",
+        "xdt_cli.registry",
+        "xdt_cli.files",
+        "xdt_cli.distributed",
+        "xdt_cli.faults",
+    ),
     (
         "xdt_cli.data",
         "xdt_cli.models",
