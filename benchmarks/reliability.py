@@ -1218,8 +1218,14 @@ def _sweep_last_run(kind: Kind, ref: Reference, work: Path, timeout: float) -> S
     if code != 0:
         s.problems.append(f"the sweep again exited {code}: {tail(root.parent / 'sweep.log', 5)}")
     else:
-        threads = json.loads((sweep / "sweep.json").read_text(encoding="utf-8"))["threads_per_run"]
-        s.outcome += f"; the sweep again ran it at {threads} thread(s)"
+        threads = [
+            json.loads((r / "sweep" / "sweep.json").read_text(encoding="utf-8"))["threads_per_run"]
+            for r in (Path(ref.root), root)
+        ]
+        s.outcome += (
+            f"; the sweep again ran it at {threads[1]} thread(s), the uninterrupted sweep "
+            f"at {threads[0]}"
+        )
         s.problems.extend(compare_runs(Path(ref.root), root))
     s.survived = not s.problems
     s.seconds = round(time.monotonic() - began, 1)

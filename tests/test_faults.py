@@ -74,3 +74,26 @@ def test_a_bad_fault_spec_is_refused(monkeypatch) -> None:
     monkeypatch.delenv("XDT_FAULT")
     fault_point("evaluate")  # unset: nothing happens
     assert os.getpid()
+
+
+def test_resume_trains_on_with_the_thread_count_the_run_started_with(
+    reference, tmp_path: Path
+) -> None:
+    """A sweep resumes its last runs with more threads than they started with (fewer runs
+    than --jobs are left), a shell may set none: the CPU sums' last bits would change.
+    meta.json records the count and `xdt resume` uses it, so the end is still exact."""
+    config, ref = reference
+    cut = xdt(
+        "train-source", config, *STEPS, "--runs-dir", tmp_path, "--name", "cut",
+        fault="checkpoint.partial:4",  # during the second last.pt: the first is there
+    )  # fmt: skip
+    assert cut.returncode == -9, cut.stderr
+    run = tmp_path / "cut"
+    assert json.loads((run / "meta.json").read_text())["threads"] == 1
+    assert (run / "checkpoints" / "last.pt").exists()
+    env = {**child_env(2), "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    argv = [sys.executable, "-m", "xdt_cli", "resume", str(run)]
+    resumed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "using 1 torch thread(s), as when the run started (not 2)" in resumed.stderr
+    assert (run / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()

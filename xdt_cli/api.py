@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from xdt_cli.checkpoint import previous_path
 from xdt_cli.config import ExperimentConfig, dump_config
 from xdt_cli.engine import Engine
@@ -157,6 +159,7 @@ def resume_run(
     if not isinstance(subcommand, str):
         raise CheckpointError(f"{run.meta_path}: has no subcommand")
     cfg = load_config(run.config_path, subcommand=subcommand)
+    _same_threads(meta, reporter)
     runtime = Runtime.from_env(cfg.device)
     if runtime.is_main:  # torchrun: rank 0 alone writes the folder; every rank reads last.pt
         run.lock()
@@ -200,6 +203,21 @@ def resume_run(
     except BaseException:
         run.unlock()
         raise
+
+
+def _same_threads(meta: dict[str, Any], reporter: Reporter) -> None:
+    """Train on with the torch thread count the run started with (meta.json's "threads"):
+    a CPU sum's last bits depend on how it is split among threads, so a resumed run ends
+    exactly as an uninterrupted one only at the same count. A sweep resumes its runs with
+    more threads when fewer of them are left than --jobs, and a shell may set none."""
+    threads = meta.get("threads")
+    if isinstance(threads, int) and threads > 0 and threads != torch.get_num_threads():
+        reporter.message(
+            f"using {threads} torch thread(s), as when the run started "
+            f"(not {torch.get_num_threads()}): the resumed run then ends exactly as an "
+            "uninterrupted one"
+        )
+        torch.set_num_threads(threads)
 
 
 def _fit(

@@ -128,6 +128,8 @@ def make_meta(subcommand: str, device: str, precision: str, argv: list[str]) -> 
         "precision": precision,
         "argv": argv,
         "start_time": datetime.now(UTC).isoformat(timespec="seconds"),
+        # the CPU sums depend on it bit-wise: `xdt resume` trains with the same count
+        "threads": torch.get_num_threads(),
     }
 
 
