@@ -958,14 +958,9 @@ def _one_error_line(scenario: Scenario, err: str, *needles: str) -> None:
         scenario.problems.append("a traceback")
 
 
-def _sigterm(kind: Kind, ref: Reference, work: Path, timeout: float) -> Scenario:
-    s = Scenario(
-        "SIGTERM mid-run",
-        "SIGTERM once the first last.pt is on disk (a scheduler's preemption, Ctrl-C's cousin)",
-        "exit 143, summary.json status interrupted; xdt resume ends exactly as the reference",
-    )
-    began = time.monotonic()
-    root = _scenario_root(work, "sigterm")
+def _start_until_last_pt(kind: Kind, root: Path, timeout: float) -> subprocess.Popen:
+    """Start the kind's run under `root` and return once its first last.pt is on disk (or
+    it ended, or `timeout` passed): the moment a fault scenario strikes."""
     proc = subprocess.Popen(
         launch(kind, start_args(kind, root)),
         cwd=REPO,
@@ -979,7 +974,19 @@ def _sigterm(kind: Kind, ref: Reference, work: Path, timeout: float) -> Scenario
     last = root / RUN / "checkpoints" / "last.pt"
     deadline = time.monotonic() + timeout
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.005)
+    return proc
+
+
+def _sigterm(kind: Kind, ref: Reference, work: Path, timeout: float) -> Scenario:
+    s = Scenario(
+        "SIGTERM mid-run",
+        "SIGTERM once the first last.pt is on disk (a scheduler's preemption, Ctrl-C's cousin)",
+        "exit 143, summary.json status interrupted; xdt resume ends exactly as the reference",
+    )
+    began = time.monotonic()
+    root = _scenario_root(work, "sigterm")
+    proc = _start_until_last_pt(kind, root, timeout)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
@@ -1061,20 +1068,7 @@ def _full_disk(kind: Kind, ref: Reference, work: Path, timeout: float) -> Scenar
         return s
     try:
         root = mount / "runs"
-        proc = subprocess.Popen(
-            launch(kind, start_args(kind, root)),
-            cwd=REPO,
-            env=environment(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        LIVE.add(proc)
-        last = root / RUN / "checkpoints" / "last.pt"
-        deadline = time.monotonic() + timeout
-        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+        proc = _start_until_last_pt(kind, root, timeout)
         ballast = mount / "ballast"
         with ballast.open("wb") as fh:  # every free block, until the file system is full
             try:
