@@ -978,6 +978,17 @@ def _start_until_last_pt(kind: Kind, root: Path, timeout: float) -> subprocess.P
     return proc
 
 
+def _finish_scenario_run(proc: subprocess.Popen, timeout: float) -> str:
+    """Wait for a scenario's run (killing its tree after `timeout`); its stderr."""
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        _, err = proc.communicate()
+    LIVE.discard(proc)
+    return err
+
+
 def _sigterm(kind: Kind, ref: Reference, work: Path, timeout: float) -> Scenario:
     s = Scenario(
         "SIGTERM mid-run",
@@ -989,12 +1000,7 @@ def _sigterm(kind: Kind, ref: Reference, work: Path, timeout: float) -> Scenario
     proc = _start_until_last_pt(kind, root, timeout)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        _, err = proc.communicate()
-    LIVE.discard(proc)
+    err = _finish_scenario_run(proc, timeout)
     status = _status(root / RUN / "summary.json")
     s.outcome = f"exit {proc.returncode}, status {status}"
     if proc.returncode != 143 or status != "interrupted":
@@ -1078,12 +1084,7 @@ def _full_disk(kind: Kind, ref: Reference, work: Path, timeout: float) -> Scenar
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_tree(proc.pid)
-            _, err = proc.communicate()
-        LIVE.discard(proc)
+        err = _finish_scenario_run(proc, timeout)
         s.outcome = f"{mib} MiB tmpfs, exit {proc.returncode}"
         if proc.returncode != 1:
             s.problems.append(f"exit {proc.returncode}, expected 1: {err.strip()[-300:]}")
