@@ -13,6 +13,9 @@ What it does
    would download exist, so it downloads nothing). An assert checks that every exported list
    has exactly as many lines as xdt's split has samples, and that the exported images are
    the samples at xdt's split indices.
+   With `--digits-layout` the digits are written as xdt's transfer configs draw them
+   (data.target.transforms.eval of configs/transfer/_mnist5k_to_digits.yaml: MNIST's 20-pixel
+   layout and stroke contrast), so TLlib and xdt read the same images; mnist5k as it comes.
 3. Runs TLlib's unmodified `examples/domain_adaptation/image_classification/erm.py` (source
    only) and `dann.py` in both directions, seeds 0, 1, 2, one process at a time, on the CPU.
 4. Writes one JSON per (direction, method, seed), then `results.json` and `table.md`.
@@ -115,10 +118,13 @@ from PIL import Image
 from xdt_cli.config import DomainConfig
 from xdt_cli.data import DATASETS, load_configured_domain
 from xdt_cli.data.splits import stratified_split
+from xdt_cli.data.transforms import Pipeline, build_pipeline, to_float
+from xdt_cli.resolve import load_config
 
 TLLIB_URL = "https://github.com/thuml/Transfer-Learning-Library"
 EXAMPLES = "examples/domain_adaptation/image_classification"
 SPLIT_SEED = 0
+LAYOUT_CONFIG = Path(__file__).resolve().parents[1] / "configs/transfer/_mnist5k_to_digits.yaml"
 SELECTION = "best of 6 evaluations on the target test split (TLlib's own rule)"
 
 # xdt domain -> (TLlib Digits class whose folder it fills, that class's file prefix)
@@ -179,6 +185,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=6, help="evaluations (TLlib --epochs)")
     parser.add_argument("--iters", type=int, default=250, help="steps per epoch (TLlib -i)")
     parser.add_argument("--batch-size", type=int, default=32, help="per domain (TLlib -b)")
+    parser.add_argument(
+        "--digits-layout",
+        action="store_true",
+        help="export the digits as xdt's transfer configs draw them (MNIST's layout and stroke "
+        f"contrast: the eval transforms of data.target in {LAYOUT_CONFIG}), so both tools "
+        "read the same images; use another --out",
+    )
     return parser.parse_args()
 
 
@@ -213,9 +226,20 @@ def check_interpreter(python: str) -> None:
 # -------------------------------------------------------------------------- xdt's data out
 
 
-def export_domain(name: str, root: Path) -> dict[str, int]:
+def digits_layout() -> Pipeline:
+    """xdt's deterministic drawing of the digits in the transfer configs (resize, centre
+    crop, levels), read from the config itself so that the two cannot drift apart."""
+    cfg = load_config(LAYOUT_CONFIG, ["method.name=source_only"], subcommand="transfer")
+    assert cfg.data.target.dataset == "digits"
+    pipeline = build_pipeline(cfg.data.target.transforms.eval)
+    assert not pipeline.random, pipeline
+    return pipeline
+
+
+def export_domain(name: str, root: Path, layout: Pipeline | None = None) -> dict[str, int]:
     """Write xdt's train and test splits of `name` (split seed 0) as TLlib's MNIST or USPS
-    folder under `root`; returns the number of samples of each of xdt's splits."""
+    folder under `root`; returns the number of samples of each of xdt's splits. `layout`:
+    the images are written as that pipeline draws them (--digits-layout)."""
     folder, prefix = TLLIB_DOMAIN[name]
     base = root / folder
     domain = load_configured_domain(
@@ -237,7 +261,8 @@ def export_domain(name: str, root: Path) -> dict[str, int]:
         # get their own folder next to it.
         images = base / f"{prefix}_{split}_image"
         images.mkdir(exist_ok=True)
-        pixels = torch.round(part.x.float().clamp(0, 1) * 255).to(torch.uint8)
+        x = part.x if layout is None else layout(part.x)
+        pixels = torch.round(to_float(x).clamp(0, 1) * 255).to(torch.uint8)
         lines = []
         for i, index in enumerate(idx.tolist()):
             path = f"{images.name}/{index:05d}.png"
@@ -427,7 +452,11 @@ def main() -> None:
             work["shim"] = Path(tmp) / "shim"
             work["shim"].mkdir()
             (work["shim"] / "sitecustomize.py").write_text(SHIM)
-            work["sizes"] = {name: export_domain(name, work["data"]) for name in TLLIB_DOMAIN}
+            layout = digits_layout() if args.digits_layout else None
+            work["sizes"] = {
+                name: export_domain(name, work["data"], layout if name == "digits" else None)
+                for name in TLLIB_DOMAIN
+            }
             for source, target, method, seed in todo:
                 record = run_one(args, method, source, target, seed, work)
                 path = args.out / "runs" / f"{run_name(source, target, method, seed)}.json"
