@@ -6,12 +6,15 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from tests.conftest import TINY, write_config
 from xdt_cli.benchmark import write_section
 from xdt_cli.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_suite(tmp_path: Path) -> Path:
@@ -153,3 +156,48 @@ def test_comparison_and_held_out_domain_tables(tmp_path: Path) -> None:
     ]
     assert "| run | env90 | env10 | avg |" in text
     assert f"| `dgs` | {cells[0]} | {cells[1]} | {cells[2]} |" in text
+
+
+def test_a_table_names_a_sweep_by_its_name_not_its_file(tmp_path: Path) -> None:
+    """A sweep file with `name:` is found in the tables by that name (its folder, the key of
+    its records); its file's stem is not a row."""
+    from xdt_cli.benchmark import load_suite
+    from xdt_cli.errors import ConfigError
+
+    write_config(tmp_path / "tiny.yaml", TINY)
+    sweep = {"name": "renamed", "config": "tiny.yaml", "seeds": [0]}
+    (tmp_path / "file_stem.yaml").write_text(yaml.safe_dump(sweep))
+    suite = {"description": "d", "sweeps": ["file_stem.yaml"], "selection": "source_val"}
+    table = {"title": "t", "metric": "digits/test/acc", "rows": ["renamed"]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**suite, "tables": [table]}))
+    assert load_suite(path).name == "s"
+    path.write_text(yaml.safe_dump({**suite, "tables": [{**table, "rows": ["file_stem"]}]}))
+    with pytest.raises(ConfigError, match="'file_stem' is not one of the suite's sweeps"):
+        load_suite(path)
+
+
+def test_the_held_out_transfer_suite_runs_the_shipped_configs_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transfer_heldout runs every shipped UDA config of the transfer suite (and source_only),
+    unchanged but for the split: split_seed 2 with seed 3, which neither the transfer suite
+    (split_seed 0, seeds 0-2) nor the choice of its settings (split_seed 1) used."""
+    from xdt_cli.benchmark import find_suite, load_suite
+    from xdt_cli.resolve import load_config
+    from xdt_cli.sweeps import load_sweep, plan
+
+    monkeypatch.chdir(REPO)
+    transfer = load_suite(find_suite("transfer"))
+    heldout = load_suite(find_suite("transfer_heldout"))
+    configs = {load_sweep(p).config.resolve() for p in transfer.sweeps}
+    runs = [r for p in heldout.sweeps for r in plan(load_sweep(p), tmp_path).runs]
+    assert len(runs) == 16
+    for sweep_path in heldout.sweeps:
+        sweep = load_sweep(sweep_path)
+        assert sweep.config.resolve() in configs and sweep.seeds == (3,)
+        assert sweep.name == "heldout_" + sweep.config.stem
+        shipped = load_config(sweep.config, [], subcommand="transfer")
+        moved = load_config(sweep.config, list(sweep.overrides), subcommand="transfer")
+        assert shipped.data.split_seed == 0 and moved.data.split_seed == 2
+        assert moved.model == shipped.model and moved.method == shipped.method

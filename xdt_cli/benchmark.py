@@ -120,7 +120,10 @@ def load_suite(path: Path) -> Suite:
     from xdt_cli.selection import get_rule
 
     get_rule(spec.selection)  # an unknown rule fails here, before anything runs
-    names = {Path(s).stem for s in spec.sweeps}
+    from xdt_cli.sweeps import load_sweep
+
+    # the names the tables use are the sweeps' own (their folders), as the records are keyed
+    names = {load_sweep(s).name for s in sweeps}
     for i, table in enumerate(spec.tables or []):
         if table.selection:
             get_rule(table.selection)
