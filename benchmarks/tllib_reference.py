@@ -96,6 +96,12 @@ its own interpreter (torch and torchvision install from this machine's disk):
 (offline, add `--tllib /work/.mirror/thuml+Transfer-Learning-Library/repo`). It is
 resumable: a (direction, method, seed) whose JSON exists in `--out` is skipped, and the
 summary is rebuilt from all the JSONs.
+
+Side by side with xdt (docs/BENCHMARKS.md, "xdt beside the Transfer-Learning-Library"): run
+`xdt benchmark transfer --runs-dir R`, then this script with `--digits-layout --xdt-runs R`.
+It writes `side_by_side.md`: TLlib's erm and dann beside xdt's source_only and dann sweeps of
+that suite, each tool under its own rule (TLlib: best of its 6 evaluations on the target's
+TEST labels; xdt: source_val) and both under TLlib's rule and at the last evaluation.
 """
 
 from __future__ import annotations
@@ -191,6 +197,12 @@ def parse_args() -> argparse.Namespace:
         help="export the digits as xdt's transfer configs draw them (MNIST's layout and stroke "
         f"contrast: the eval transforms of data.target in {LAYOUT_CONFIG}), so both tools "
         "read the same images; use another --out",
+    )
+    parser.add_argument(
+        "--xdt-runs",
+        type=Path,
+        help="the runs folder of `xdt benchmark transfer` (its <pair>_source_only and "
+        "<pair>_dann sweeps): also write side_by_side.md, each tool under each selection rule",
     )
     return parser.parse_args()
 
@@ -427,6 +439,88 @@ def write_table(rows: list[dict], path: Path, commit: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+# ------------------------------------------------------------------------ xdt beside it
+
+# TLlib's script -> the xdt transfer suite's sweep of the same method
+XDT_SWEEP = {"erm": "source_only", "dann": "dann"}
+
+
+def xdt_accuracies(run_dir: Path, target: str) -> dict[str, float]:
+    """One xdt run's target test accuracy (%) under three rules: its own (`source_val`, the
+    checkpoint in summary.json), TLlib's (the best of its evaluations on the target TEST
+    split, the rule TLlib applies; here only to compare like with like) and the last one."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    key = f"{target}/test/acc"
+    evals = [
+        row
+        for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if row.get("split") == "eval" and key in row and row["step"] > 0
+    ]
+    return {
+        "source_val": 100 * summary["best"][key],
+        "target_test": 100 * max(row[key] for row in evals),
+        "last": 100 * summary["final"][key],
+        "evaluations": len(evals),
+    }
+
+
+def xdt_rows(runs: Path) -> list[dict]:
+    rows = []
+    for source, target in DIRECTIONS:
+        for method, sweep in XDT_SWEEP.items():
+            folder = runs / f"{source}_to_{target}_{sweep}"
+            done = [
+                d
+                for d in sorted(folder.glob("seed*"))
+                if (d / "summary.json").is_file()
+                and json.loads((d / "summary.json").read_text()).get("status") == "completed"
+            ]
+            if not done:
+                continue
+            accs = [xdt_accuracies(d, target) for d in done]
+            rows.append(
+                {
+                    "pair": f"{source} -> {target}",
+                    "method": method,
+                    "xdt_sweep": folder.name,
+                    "runs": [d.name for d in done],
+                    **{rule: [a[rule] for a in accs] for rule in ("source_val", "target_test")},
+                    "last": [a["last"] for a in accs],
+                    "evaluations": sorted({a["evaluations"] for a in accs}),
+                }
+            )
+    return rows
+
+
+def write_side_by_side(tllib: list[dict], xdt: list[dict], path: Path, commit: str) -> None:
+    """One table: for each pair and method, TLlib under its own rule and at its last
+    evaluation, xdt under its rule (source_val), TLlib's rule and at its last evaluation."""
+    lines = [
+        "| pair | method | TLlib, its rule: best on target test | TLlib, last evaluation "
+        "| xdt, its rule: source_val | xdt, TLlib's rule: best on target test "
+        "| xdt, last evaluation |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ours = {(r["pair"], r["method"]): r for r in xdt}
+    for row in tllib:
+        x = ours.get((row["pair"], row["method"]))
+        cells = [mean_std(x[k]) for k in ("source_val", "target_test", "last")] if x else [""] * 3
+        name = f"{row['method']} / {XDT_SWEEP[row['method']]}"
+        lines.append(
+            f"| {row['pair']} | {name} | {mean_std(row['test_acc1'])} | "
+            f"{mean_std(row['last_epoch_acc'])} | {' | '.join(cells)} |"
+        )
+    seeds = ", ".join(map(str, sorted({s for r in tllib for s in r["seeds"]})))
+    lines += [
+        "",
+        f"Target test accuracy (%), mean ± sample std over seeds {seeds}; "
+        f"xdt split seed {SPLIT_SEED} in both tools; TLlib commit {commit}. TLlib evaluates "
+        "6 times (every 250 steps) and keeps the checkpoint best on the target's test labels; "
+        "xdt evaluates at the same steps and keeps the one best on the source's val split.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -471,6 +565,11 @@ def main() -> None:
     write_table(rows, args.out / "table.md", ", ".join(commits))
     log(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
     print((args.out / "table.md").read_text())
+    if args.xdt_runs is not None:
+        side = args.out / "side_by_side.md"
+        write_side_by_side(rows, xdt_rows(args.xdt_runs), side, ", ".join(commits))
+        log(f"wrote {side}")
+        print(side.read_text())
 
 
 if __name__ == "__main__":
