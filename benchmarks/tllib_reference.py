@@ -514,7 +514,7 @@ def write_side_by_side(tllib: list[dict], xdt: list[dict], path: Path, commit: s
     lines += [
         "",
         f"Target test accuracy (%), mean ± sample std over seeds {seeds}; "
-        f"xdt split seed {SPLIT_SEED} in both tools; TLlib commit {commit}. TLlib evaluates "
+        f"xdt's split_seed {SPLIT_SEED} in both tools; TLlib commit {commit}. TLlib evaluates "
         "6 times (every 250 steps) and keeps the checkpoint best on the target's test labels; "
         "xdt evaluates at the same steps and keeps the one best on the source's val split.",
     ]
