@@ -76,7 +76,8 @@ def score_run(run_dir: Path) -> dict[str, float]:
     return {
         "saved_val": saved["val"],
         "saved_test": saved["test"],
-        **{"whole_val": whole["val"], "whole_test": whole["test"]},
+        "whole_val": whole["val"],
+        "whole_test": whole["test"],
     }
 
 

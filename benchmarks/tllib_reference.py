@@ -126,6 +126,7 @@ from xdt_cli.data import DATASETS, load_configured_domain
 from xdt_cli.data.splits import stratified_split
 from xdt_cli.data.transforms import Pipeline, build_pipeline, to_float
 from xdt_cli.resolve import load_config
+from xdt_cli.runs import read_metrics
 
 TLLIB_URL = "https://github.com/thuml/Transfer-Learning-Library"
 EXAMPLES = "examples/domain_adaptation/image_classification"
@@ -445,15 +446,19 @@ def write_table(rows: list[dict], path: Path, commit: str) -> None:
 XDT_SWEEP = {"erm": "source_only", "dann": "dann"}
 
 
-def xdt_accuracies(run_dir: Path, target: str) -> dict[str, float]:
-    """One xdt run's target test accuracy (%) under three rules: its own (`source_val`, the
-    checkpoint in summary.json), TLlib's (the best of its evaluations on the target TEST
-    split, the rule TLlib applies; here only to compare like with like) and the last one."""
-    summary = json.loads((run_dir / "summary.json").read_text())
+def xdt_accuracies(run_dir: Path, target: str) -> dict[str, float] | None:
+    """One completed xdt run's target test accuracy (%) under three rules: its own
+    (`source_val`, the checkpoint in summary.json), TLlib's (the best of its evaluations on
+    the target TEST split, the rule TLlib applies; here only to compare like with like) and
+    the last one. None for a run that has not completed."""
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if summary.get("status") != "completed":
+        return None
     key = f"{target}/test/acc"
     evals = [
         row
-        for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        for row in read_metrics(run_dir / "metrics.jsonl")
         if row.get("split") == "eval" and key in row and row["step"] > 0
     ]
     return {
@@ -469,21 +474,17 @@ def xdt_rows(runs: Path) -> list[dict]:
     for source, target in DIRECTIONS:
         for method, sweep in XDT_SWEEP.items():
             folder = runs / f"{source}_to_{target}_{sweep}"
-            done = [
-                d
-                for d in sorted(folder.glob("seed*"))
-                if (d / "summary.json").is_file()
-                and json.loads((d / "summary.json").read_text()).get("status") == "completed"
-            ]
+            scored = [(d, xdt_accuracies(d, target)) for d in sorted(folder.glob("seed*"))]
+            done = [(d, a) for d, a in scored if a is not None]
             if not done:
                 continue
-            accs = [xdt_accuracies(d, target) for d in done]
+            accs = [a for _, a in done]
             rows.append(
                 {
                     "pair": f"{source} -> {target}",
                     "method": method,
                     "xdt_sweep": folder.name,
-                    "runs": [d.name for d in done],
+                    "runs": [d.name for d, _ in done],
                     **{rule: [a[rule] for a in accs] for rule in ("source_val", "target_test")},
                     "last": [a["last"] for a in accs],
                     "evaluations": sorted({a["evaluations"] for a in accs}),
