@@ -121,6 +121,39 @@ def test_a_changed_base_config_is_refused_for_existing_runs(grid, tmp_path: Path
     assert result.stdout == ""
 
 
+def test_a_finetune_sweep_from_a_relative_run_is_skipped_on_a_second_call(grid) -> None:
+    """`init.from_run=../grid/RUN` is resolved against the sweep's folder and recorded as an
+    absolute path in config.yaml; a second call compares the resolved configs, so it skips
+    the finished run instead of refusing it as 'made from another config'."""
+    sweep, runs, first = grid
+    assert first.exit_code == 0
+    source = read_json(runs / "grid" / "sweep.json")["runs"][0]["name"]
+    root = sweep.parent
+    write_config(
+        root / "ft.yaml",
+        {
+            "data": {"target": {"dataset": "mnist5k", "labels_per_class": 2}},
+            "model": {"backbone": "lenet"},
+            "train": {"steps": 4, "batch_size": 8, "eval_every": 4, "log_every": 2},
+        },
+    )
+    ft = write_sweep(
+        root / "ft_sweep.yaml",
+        subcommand="finetune",
+        config="ft.yaml",
+        overrides=[f"init.from_run=../grid/{source}"],
+        seeds=[0],
+    )
+    once = cli("sweep", ft, "--runs-dir", runs, "--json", "--quiet")
+    assert once.exit_code == 0, once.stderr
+    (run,) = json.loads(once.stdout)["runs"]
+    recorded = yaml.safe_load((Path(run["run_dir"]) / "config.yaml").read_text())
+    assert recorded["init"]["from_run"] == str((runs / "grid" / source).resolve())
+    again = cli("sweep", ft, "--runs-dir", runs, "--json", "--quiet")
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["counts"]["skipped"] == 1
+
+
 # --------------------------------------------------------------------------- stop and resume
 # Long enough that Ctrl-C lands mid-run (~1.5 s of training at one thread).
 LONG = ["train.steps=300", "train.eval_every=10", "train.log_every=10"]

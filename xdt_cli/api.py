@@ -24,7 +24,7 @@ from xdt_cli.errors import CheckpointError
 from xdt_cli.files import atomic_write_text
 from xdt_cli.progress import Reporter
 from xdt_cli.regimes import SINGLE_TASK_FILE, build_experiment
-from xdt_cli.resolve import load_config
+from xdt_cli.resolve import load_config, resolve_from_run
 from xdt_cli.runs import RunDir, create_run_dir, default_runs_dir, make_meta
 from xdt_cli.runtime import Runtime, resolve_precision
 from xdt_cli.tracking import Tracker, open_trackers
@@ -78,7 +78,7 @@ def prepare_run(
         config, overrides, subcommand=subcommand, flags={"seed": seed, "device": device}
     )
     runs_root = Path(runs_dir) if runs_dir is not None else default_runs_dir()
-    _resolve_from_run(cfg, runs_root)
+    resolve_from_run(cfg, runs_root)
     return cfg, runs_root
 
 
@@ -124,17 +124,6 @@ def run_config(
     engine = Engine(cfg, experiment, runtime, run=run, reporter=reporter)
     trackers = open_trackers(cfg, run, subcommand, resumed=False) if run is not None else []
     return _fit(engine, reporter, run, trackers)
-
-
-def _resolve_from_run(cfg, runs_root: Path) -> None:
-    """`init.from_run` may name a run inside the runs folder (`digits-src`, or
-    `../other_sweep/seed0-1a2b3c4d` from a sweep's folder) when no such path exists here.
-    The resolved absolute path is what config.yaml records."""
-    given = cfg.init.from_run
-    if given and not Path(given).expanduser().is_absolute() and not Path(given).exists():
-        candidate = runs_root / given
-        if candidate.exists():
-            cfg.init.from_run = str(candidate.resolve())
 
 
 def resume_run(

@@ -47,6 +47,19 @@ def load_config(
     return validate_config(data, source=str(path), subcommand=subcommand, stem=path.stem)
 
 
+def resolve_from_run(cfg: ExperimentConfig, runs_root: Path) -> None:
+    """`init.from_run` may name a run inside the runs folder (`digits-src`, or
+    `../other_sweep/seed0-1a2b3c4d` from a sweep's folder) when no such path exists here.
+    The resolved absolute path is what config.yaml records; `xdt sweep` resolves it the
+    same way (against the sweep's folder) before it compares a finished run's config.yaml
+    with the config it would start now."""
+    given = cfg.init.from_run
+    if given and not Path(given).expanduser().is_absolute() and not Path(given).exists():
+        candidate = runs_root / given
+        if candidate.exists():
+            cfg.init.from_run = str(candidate.resolve())
+
+
 def validate_config(
     data: dict[str, Any], *, source: str, subcommand: str, stem: str | None = None
 ) -> ExperimentConfig:

@@ -97,7 +97,7 @@ from xdt_cli.config import (
 from xdt_cli.errors import ConfigError
 from xdt_cli.files import atomic_write_text
 from xdt_cli.progress import stderr_console
-from xdt_cli.resolve import load_config
+from xdt_cli.resolve import load_config, resolve_from_run
 from xdt_cli.runs import default_runs_dir
 from xdt_cli.runtime import stop_signals
 from xdt_cli.search import draw as draw_search
@@ -588,6 +588,7 @@ def validate_plan(p: Plan) -> None:
                 problems.setdefault(line, []).append(run.name)
             continue
         if run.action in ("skip", "resume"):
+            resolve_from_run(cfg, p.sweep_dir)  # as the run's own `--runs-dir` resolves it
             line = _mismatch(p.sweep, run, cfg)
             if line:
                 problems.setdefault(line, []).append(run.name)
