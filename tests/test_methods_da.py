@@ -305,6 +305,29 @@ def test_coral_loss_matches_hand_computation():
     assert coral_loss(x, 2 * x).item() > 0
 
 
+@pytest.mark.parametrize("layer", ["logits", "features"])
+def test_deep_coral_aligns_the_layer_it_names(layer):
+    """`layer: logits` (the default, the paper's fc8) aligns the class logits' covariances;
+    `layer: features` the backbone output's. The logged transfer loss is the one of the
+    named activations, and not the other's."""
+    method = make_method("deep_coral", layer=layer)
+    batch = make_batch()
+    out = run_step(method, batch)
+    torch.manual_seed(123)  # the same dropout masks as run_step
+    features = method.model.embed(torch.cat([batch[0].x, batch[1].x]))
+    logits = method.model.head(features)
+    n = batch[0].x.shape[0]
+    by_layer = {
+        "logits": coral_loss(logits[:n], logits[n:]),
+        "features": coral_loss(features[:n], features[n:]),
+    }
+    assert logits.shape[1] == 10 and features.shape[1] != 10
+    assert out["transfer_loss"].item() == pytest.approx(by_layer[layer].item(), rel=1e-5)
+    other = by_layer["features" if layer == "logits" else "logits"].item()
+    assert out["transfer_loss"].item() != pytest.approx(other, rel=1e-2)
+    assert METHODS["deep_coral"].Config().layer == "logits"
+
+
 def test_mmd_zero_for_identical_positive_for_shifted():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 6, generator=g)
