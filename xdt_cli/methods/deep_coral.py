@@ -57,7 +57,7 @@ class DeepCORAL(Method):
         ),
     }
     synchronised = (
-        "the gradients, and the source and target features are gathered from every rank: the "
+        "the gradients, and the source and target activations are gathered from every rank: the "
         "CORAL loss is the global batch's, exactly one process's"
     )
     paper = (
